@@ -15,7 +15,9 @@ class BildStats:
 
     small_forwards: list[int] = field(default_factory=list)  # small-model forwards that advanced the row
     large_forwards: list[int] = field(default_factory=list)  # large-model forwards that advanced the row
-    drafted: list[int] = field(default_factory=list)  # draft tokens proposed (the dropped unconfident one is not)
+    drafted: list[int] = field(
+        default_factory=list
+    )  # draft tokens proposed (the dropped unconfident one is not)
     accepted: list[int] = field(default_factory=list)  # drafts kept after verification
     fallbacks: list[int] = field(default_factory=list)  # rounds ended by low small-model confidence
     rollbacks: list[int] = field(default_factory=list)  # rounds in which a draft was rolled back
@@ -39,3 +41,7 @@ class BildStats:
 
     def to_dict(self) -> dict[str, list[int]]:
         return {f.name: list(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,87 @@
+"""`BildCache`: both models' KV caches in one object; the only code that touches transformers `Cache` objects.
+
+Rows of a batch advance by different amounts each round. Every cache slot therefore carries the sequence
+index of the token it holds, or -1 for a slot to ignore (left padding, a rejected draft, a row that sat
+out a forward). The models see those slots through the attention mask and get explicit position ids, so
+a rolled-back draft in one row never disturbs another row, and a batch of one never has a gap at all.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
+from transformers.cache_utils import Cache
+
+
+def new_cache(model: PreTrainedModel) -> Cache:
+    """An empty dynamic cache for ``model`` (full-length layers, so cropping is exact)."""
+    if model.config.is_encoder_decoder:
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+    return DynamicCache()
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """The forward() argument that takes the cache: ``cache`` from transformers 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class TrackedCache:
+    """One model's KV cache plus, per row, which sequence index each slot holds (-1: ignore the slot)."""
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, device: torch.device):
+        self.kv = new_cache(model)
+        self.kwarg = cache_kwarg(model)
+        self.slot_index = torch.empty(batch_size, 0, dtype=torch.long, device=device)  # [B, S]
+        self.n_seen = torch.zeros(
+            batch_size, dtype=torch.long, device=device
+        )  # model has read seq[:, :n_seen]
+
+    @property
+    def length(self) -> int:
+        return self.slot_index.shape[1]
+
+    def attention_mask(self, chunk_slot_index: torch.Tensor) -> torch.Tensor | None:
+        """`(batch_size, S + L)` mask over the cache and a new chunk; None when every slot is visible."""
+        visible = torch.cat([self.slot_index, chunk_slot_index], dim=1) >= 0
+        return None if bool(visible.all()) else visible.long()
+
+    def append(self, chunk_slot_index: torch.Tensor, new_n_seen: torch.Tensor) -> None:
+        """Record the slots a forward over a `(batch_size, L)` chunk just wrote."""
+        self.slot_index = torch.cat([self.slot_index, chunk_slot_index], dim=1)
+        self.n_seen = new_n_seen
+
+    def discard_from(self, keep_len: torch.Tensor) -> None:
+        """Forget every token at sequence index >= ``keep_len[b]`` in row ``b``; crop slots no row uses."""
+        self.slot_index = self.slot_index.masked_fill(self.slot_index >= keep_len[:, None], -1)
+        self.n_seen = torch.minimum(self.n_seen, keep_len)
+        used = (self.slot_index >= 0).any(dim=0).nonzero()
+        new_length = int(used[-1]) + 1 if len(used) else 0
+        if new_length < self.length:
+            self.kv.crop(new_length - self.length)  # crop() takes the (negative) number of slots to remove
+            self.slot_index = self.slot_index[:, :new_length]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (a 1-D index tensor)."""
+        self.kv.batch_select_indices(rows)
+        self.slot_index = self.slot_index[rows]
+        self.n_seen = self.n_seen[rows]
+
+
+@dataclass
+class BildCache:
+    """The large and the small model's caches of one BiLD generate() call."""
+
+    large: TrackedCache
+    small: TrackedCache
+
+    def discard_from(self, keep_len: torch.Tensor) -> None:
+        """Roll both models back to the first ``keep_len[b]`` tokens of each row."""
+        self.large.discard_from(keep_len)
+        self.small.discard_from(keep_len)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.large.select_rows(rows)
+        self.small.select_rows(rows)
