@@ -117,13 +117,23 @@ class Decoder:
 def process(
     rules: Rules, rows: Rows, logits: torch.Tensor, target_index: torch.Tensor, is_real: torch.Tensor
 ):
-    """Apply the logits processors to each `(batch_size, n, vocab_size)` column with the prefix it follows."""
+    """Apply the logits processors to each real column of `(batch_size, n, vocab_size)` logits.
+
+    Column ``i`` of row ``b`` predicts index ``target_index[b, i]`` and is processed with prefix
+    ``seq[b, :target_index[b, i]]``, exactly as stock generate() would at that step. Processors may keep
+    per-row state (e.g. each prompt's padding), so they always see the whole batch: one call per distinct
+    prefix length, whose outputs are kept for the rows at that length.
+    """
     if not rules.logits_processor:
         return logits
     scores = logits.clone()
-    for b, i in is_real.nonzero().tolist():
-        prefix = rows.seq[b : b + 1, : int(target_index[b, i])]  # [1, t]
-        scores[b, i] = rules.logits_processor(prefix, logits[b : b + 1, i].clone())[0]
+    batch = torch.arange(logits.shape[0], device=logits.device)
+    for length in torch.unique(target_index[is_real]).tolist():
+        is_at = is_real & (target_index == length)  # [B, n], at most one column per row
+        has_column = is_at.any(dim=1)
+        column = is_at.int().argmax(dim=1)  # [B]
+        processed = rules.logits_processor(rows.seq[:, :length], logits[batch, column].clone())  # [B, V]
+        scores[batch[has_column], column[has_column]] = processed[has_column]
     return scores
 
 
@@ -197,14 +207,21 @@ def accept(
 
 
 def stop_rows(rows: Rows, rules: Rules, start: torch.Tensor, scores: torch.Tensor) -> None:
-    """Step 5: run the stopping criteria after every new token; a row ends at the first token that stops it."""
-    for b in (~rows.finished).nonzero().squeeze(-1).tolist():
-        for index in range(int(start[b]), int(rows.lengths[b])):
-            column = scores[b : b + 1, index - int(start[b])]  # [1, V]
-            if bool(rules.stopping_criteria(rows.seq[b : b + 1, : index + 1], column).any()):
-                rows.lengths[b] = index + 1
-                rows.finished[b] = True
-                break
+    """Step 5: run the stopping criteria after every new token; a row ends at the first token that stops it.
+
+    Like `process`, criteria see the whole batch, once per distinct sequence length.
+    """
+    is_checking = ~rows.finished
+    batch = torch.arange(len(start), device=start.device)
+    for length in range(int(start[is_checking].min()) + 1, int(rows.lengths[is_checking].max()) + 1):
+        is_at = is_checking & (start < length) & (length <= rows.lengths)  # rows with a new token at length-1
+        if not bool(is_at.any()):
+            continue
+        column = (length - 1 - start).clamp(0, scores.shape[1] - 1)
+        is_stopped = is_at & rules.stopping_criteria(rows.seq[:, :length], scores[batch, column])
+        rows.lengths = torch.where(is_stopped, length, rows.lengths)
+        rows.finished |= is_stopped
+        is_checking &= ~is_stopped
     rows.finished |= rows.lengths >= rules.max_length
 
 

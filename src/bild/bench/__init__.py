@@ -1,0 +1,1 @@
+"""Benchmark harness: tasks, offline data/model paths, and the command-line runner."""

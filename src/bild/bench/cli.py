@@ -1,0 +1,218 @@
+"""The ``bild`` command line: ``generate`` (BiLD on a few prompts), ``bench`` (methods compared), ``sweep`` (a grid)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bild.bench.settings import BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
+
+DEFAULT_FALLBACKS = "0.3,0.5,0.7,0.9"
+DEFAULT_ROLLBACKS = "1,2,3,5,inf"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bild`` console script; returns the exit status (2 for a user mistake)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_transformers()
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"bild {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bild",
+        description="Big Little Decoder (BiLD): generate with it, benchmark it, sweep its thresholds.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{generate,bench,sweep}")
+
+    gen = verbs.add_parser("generate", help="BiLD-decode prompts and print outputs and stats",
+                           description="Decode prompts with BiLD (greedy) and print each output with its stats.")  # fmt: skip
+    gen.add_argument(
+        "--small", required=True, help="small model: hub id, folder, or name prepared under ~/.cache/bild"
+    )
+    gen.add_argument("--large", required=True, help="large model: hub id, folder, or prepared name")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    gen.add_argument(
+        "--fallback-threshold", type=float, default=None, help="alpha_FB in [0, 1] (default 0.6)"
+    )
+    gen.add_argument("--rollback-threshold", type=_float_or_inf, default=None, help=">= 0 or inf (default 2)")
+    gen.add_argument(
+        "--max-draft-tokens", type=int, default=None, help="most small-model drafts per round (10)"
+    )
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    _add_machine_options(gen)
+    gen.set_defaults(run=run_generate)
+
+    for verb, help_text, run in (
+        ("bench", "compare large, small, assisted and BiLD on a task", run_bench_verb),
+        ("sweep", "BiLD over a (fallback, rollback) grid plus baselines, with a Pareto plot", run_sweep),
+    ):
+        sub = verbs.add_parser(verb, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        sub.add_argument(
+            "--config", required=True, type=Path, help="benchmark YAML, e.g. configs/qwen-coder-de-en.yaml"
+        )
+        sub.add_argument("--limit", type=int, help="use the first N examples")
+        sub.add_argument("--out", type=Path, help="output folder (default runs/<config name>[-sweep])")
+        sub.add_argument("--batch-size", type=int)
+        sub.add_argument("--max-new-tokens", type=int)
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_machine_options(sub, defaults=False)
+        if verb == "sweep":
+            sub.add_argument(
+                "--fallback", default=DEFAULT_FALLBACKS, help=f"fallback thresholds ({DEFAULT_FALLBACKS})"
+            )
+            sub.add_argument(
+                "--rollback", default=DEFAULT_ROLLBACKS, help=f"rollback thresholds ({DEFAULT_ROLLBACKS})"
+            )
+            sub.add_argument(
+                "--max-draft-tokens", type=int, help="N for every grid point (default: the config's)"
+            )
+        sub.set_defaults(run=run)
+    return parser
+
+
+def _add_machine_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    parser.add_argument("--device", default="auto" if defaults else None, help="cpu, cuda, cuda:N or auto")
+    parser.add_argument(
+        "--dtype", default="auto" if defaults else None, help="float32, bfloat16, float16 or auto"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def _float_or_inf(text: str) -> float:
+    value = parse_float(text)
+    if not isinstance(value, float):
+        raise argparse.ArgumentTypeError(f"expected a number or inf, got {text!r}")
+    return value
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' per-call warnings (ignored sampling flags etc.) out of the tables."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def load_overridden(args) -> BenchConfig:
+    """The config file with the command-line overrides applied."""
+    return load_config(args.config).replace(
+        limit=args.limit, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, threads=args.threads,
+    )  # fmt: skip
+
+
+def run_bench_verb(args) -> int:
+    config = load_overridden(args)
+    return _run_and_report(config, args, args.out or Path("runs") / args.config.stem, plot=False)
+
+
+def run_sweep(args) -> int:
+    config = load_overridden(args)
+    methods = sweep_methods(config, parse_float_list(args.fallback, "--fallback"),
+                            parse_float_list(args.rollback, "--rollback"), args.max_draft_tokens)  # fmt: skip
+    config = config.replace(methods=methods)
+    return _run_and_report(config, args, args.out or Path("runs") / f"{args.config.stem}-sweep", plot=True)
+
+
+def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: int | None) -> list:
+    """``large``, ``small``, the config's assisted entries (or stock defaults), then the BiLD grid."""
+    assisted = [spec for spec in config.methods if spec.name == "assisted"] or [MethodSpec("assisted")]
+    if max_draft_tokens is None:
+        configured = [spec.params["max_draft_tokens"] for spec in config.methods if spec.name == "bild"]
+        max_draft_tokens = configured[0] if configured else None
+    grid = []
+    for fallback in fallbacks:
+        for rollback in rollbacks:
+            entry = {"name": "bild", "fallback_threshold": fallback, "rollback_threshold": rollback}
+            if max_draft_tokens is not None:
+                entry["max_draft_tokens"] = max_draft_tokens
+            grid.append(entry)
+    return [MethodSpec("large"), MethodSpec("small"), *assisted, *grid]
+
+
+def _run_and_report(config: BenchConfig, args, out_dir: Path, *, plot: bool) -> int:
+    from bild.bench.report import markdown_table, write_results
+    from bild.bench.runner import run_bench
+
+    results = run_bench(config, progress=not args.quiet, config_file=str(args.config))
+    paths = write_results(results, out_dir)
+    print(markdown_table(results))
+    for note in results["notes"]:
+        print(f"Note: {note}")
+    written = [paths["json"], paths["md"]]
+    if plot:
+        from bild.bench.plot import plot_pareto
+
+        written.append(plot_pareto(results, out_dir / "pareto.png"))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def run_generate(args) -> int:
+    import torch
+
+    import bild
+    from bild.bench.methods import greedy_kwargs, new_token_ids
+    from bild.bench.runner import clock, load_pair, resolve_device, resolve_dtype
+
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError("Nothing to generate: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be one of float32, bfloat16, float16, auto; got {args.dtype!r}.")
+    pair = load_pair(args.large, args.small, device, resolve_dtype(args.dtype, device), attach=True)
+    settings = bild.BildSettings(
+        **{name: value for name, value in (
+            ("fallback_threshold", args.fallback_threshold), ("rollback_threshold", args.rollback_threshold),
+            ("max_draft_tokens", args.max_draft_tokens)) if value is not None}
+    )  # fmt: skip
+    print(f"BiLD: fallback {settings.fallback_threshold:g}, rollback {settings.rollback_threshold:g}, "
+          f"max drafts {settings.max_draft_tokens}")  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        text = prompt
+        if args.chat:
+            from bild.bench.tasks.base import chat_prompt
+
+            text = chat_prompt(pair.tokenizer, prompt)
+        inputs = dict(
+            pair.tokenizer([text], return_tensors="pt", add_special_tokens=not args.chat).to(device)
+        )
+        with torch.inference_mode():
+            start = clock(device)
+            out = pair.large.generate(
+                **inputs, **greedy_kwargs(pair, args.max_new_tokens), generation_mode="bild",
+                fallback_threshold=settings.fallback_threshold,
+                rollback_threshold=settings.rollback_threshold, max_draft_tokens=settings.max_draft_tokens,
+            )  # fmt: skip
+            wall_s = clock(device) - start
+        ids = new_token_ids(pair, inputs, out.sequences)[0]
+        stats = {name: values[0] for name, values in out.bild_stats.to_dict().items()}
+        print(f"--- prompt {i + 1}: {_shorten(prompt)} ---")
+        print(pair.tokenizer.decode(ids, skip_special_tokens=True))
+        print(f"[{len(ids)} tokens in {wall_s:.2f} s ({len(ids) / wall_s:.1f} tok/s); "
+              + ", ".join(f"{name} {value}" for name, value in stats.items()) + "]")  # fmt: skip
+    return 0
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())

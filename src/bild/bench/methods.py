@@ -1,0 +1,134 @@
+"""The decoding methods under test (large, small, stock assisted, BiLD) behind one `generate` call."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from bild.bench.settings import MethodSpec
+from bild.stats import BildStats
+
+
+@dataclass
+class ModelPair:
+    """The loaded models and their shared tokenizer; ``eos_token_ids`` ends every method's output."""
+
+    large: torch.nn.Module
+    small: torch.nn.Module
+    tokenizer: object
+    eos_token_ids: list[int]
+    pad_token_id: int
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.large.config.is_encoder_decoder)
+
+
+@dataclass
+class Batch:
+    """Prompts of one timed call: ``inputs`` holds them padded together, ``rows`` one by one (for assisted)."""
+
+    indices: list[int]  # example indices
+    inputs: dict  # input_ids / attention_mask: [B, T]
+    rows: list[dict]  # per row: input_ids / attention_mask: [1, T_row], unpadded
+
+    def first_row(self) -> Batch:
+        """A batch of this batch's first row alone (for warm-up)."""
+        return Batch(self.indices[:1], dict(self.rows[0]), self.rows[:1])
+
+
+@dataclass
+class Generated:
+    """One method's output for a batch: new token ids per row (through the first EOS) and BiLD's stats."""
+
+    token_ids: list[list[int]]
+    bild_stats: BildStats | None = None
+
+
+@contextlib.contextmanager
+def count_forwards(models: dict[str, torch.nn.Module]):
+    """Yield a dict counting real forward calls per model name, with hooks on the models' output layers.
+
+    Hooking the output layer (``lm_head``) counts every forward that produces logits, whichever code
+    calls the model (stock generate, assisted generation, BiLD), and skips encoder-only passes.
+    """
+    counts = dict.fromkeys(models, 0)
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            counts[name] += 1
+
+        return hook
+
+    handles = [_hook_target(model).register_forward_hook(hook_for(name)) for name, model in models.items()]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def generate(spec: MethodSpec, pair: ModelPair, batch: Batch, max_new_tokens: int) -> Generated:
+    """Run one method on one batch; greedy decoding for all."""
+    kwargs = greedy_kwargs(pair, max_new_tokens)
+    if spec.name in ("large", "small"):
+        model = pair.large if spec.name == "large" else pair.small
+        out = model.generate(**batch.inputs, **kwargs)
+        return Generated(new_token_ids(pair, batch.inputs, out.sequences))
+    if spec.name == "assisted":
+        return Generated([ids for row in batch.rows for ids in _assisted(spec, pair, row, kwargs)])
+    if spec.name == "bild":
+        out = pair.large.generate(**batch.inputs, **kwargs, generation_mode="bild", **spec.params)
+        return Generated(new_token_ids(pair, batch.inputs, out.sequences), out.bild_stats)
+    raise ValueError(f"Unknown method {spec.name!r}.")
+
+
+def greedy_kwargs(pair: ModelPair, max_new_tokens: int) -> dict:
+    """Plain greedy decoding for every method, whatever sampling defaults the checkpoints ship with."""
+    return dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        eos_token_id=pair.eos_token_ids,
+        pad_token_id=pair.pad_token_id,
+        return_dict_in_generate=True,
+    )
+
+
+def _assisted(spec: MethodSpec, pair: ModelPair, row: dict, kwargs: dict) -> list[list[int]]:
+    """Stock assisted generation of one row; its draft settings live in the small model's generation config.
+
+    The small model's generation config is restored afterwards, so a heuristic schedule starts afresh for
+    every example (stock generate() would carry the adapted draft length into the next call).
+    """
+    saved = pair.small.generation_config
+    pair.small.generation_config = copy.deepcopy(saved)
+    try:
+        for key, value in spec.params.items():
+            setattr(pair.small.generation_config, key, value)
+        out = pair.large.generate(**row, **kwargs, assistant_model=pair.small)
+    finally:
+        pair.small.generation_config = saved
+    return new_token_ids(pair, row, out.sequences)
+
+
+def new_token_ids(pair: ModelPair, inputs: dict, sequences: torch.Tensor) -> list[list[int]]:
+    """Generated ids per row, through the first EOS (inclusive), without the prompt or padding.
+
+    ``sequences``: [B, T] prompt + new tokens (decoder-only) or decoder start + new tokens (encoder-decoder).
+    """
+    n_prefix = 1 if pair.is_encoder_decoder else inputs["input_ids"].shape[1]
+    rows = []
+    for ids in sequences[:, n_prefix:].tolist():
+        end = next((i + 1 for i, token in enumerate(ids) if token in pair.eos_token_ids), len(ids))
+        rows.append(ids[:end])
+    return rows
+
+
+def _hook_target(model: torch.nn.Module) -> torch.nn.Module:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Module) else model

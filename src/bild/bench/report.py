@@ -1,0 +1,88 @@
+"""Write the results: ``results.json`` (everything) and ``results.md`` (the table, setup and definitions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bild.bench.metrics import DEFINITIONS
+
+COLUMNS = (  # (header, summary key, format)
+    ("speedup", "speedup", "{:.2f}x"),
+    ("tok/s", "tokens_per_s", "{:.2f}"),
+    ("latency s", "latency_s", "{:.2f}"),
+    ("tokens", "n_tokens", "{:d}"),
+    ("L fwd/tok", "large_forwards_per_token", "{:.3f}"),
+    ("S fwd/tok", "small_forwards_per_token", "{:.3f}"),
+    ("fallback", "fallback_rate", "{:.2f}"),
+    ("rollback", "rollback_rate", "{:.2f}"),
+    ("accept", "acceptance_rate", "{:.2f}"),
+    ("=large", "exact_match_large", "{:.2f}"),
+    ("prefix=large", "prefix_agreement_large", "{:.2f}"),
+)
+
+
+def markdown_table(results: dict) -> str:
+    """One row per method: quality first, then speed, forwards per token, BiLD rates and agreement."""
+    metric = results["task"]["metric"]
+    headers = ["method", metric, *(header for header, _, _ in COLUMNS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    for label, summary in results["methods"].items():
+        cells = [label, _format(summary.get("quality"), "{:.2f}")]
+        cells += [_format(summary.get(key), fmt) for _, key, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: dict) -> str:
+    """``results.md``: what ran where, the table, caveats and the definitions of the columns."""
+    config, env, task = results["config"], results["environment"], results["task"]
+    direction = "higher" if task["higher_is_better"] else "lower"
+    lines = [
+        f"# bild bench: {task['name']} ({task['metric']}, {direction} is better)",
+        "",
+        f"- large: `{config['large']}`, small: `{config['small']}`",
+        f"- {results['n_examples']} examples of `{config['data'] or 'offline default'}`, chat={config['chat']}, "
+        f"batch size {config['batch_size']}, max_new_tokens {config['max_new_tokens']}, greedy",
+        f"- {env['device']} ({env['device_name']}), {env['dtype']}, {env['cpu_count']} CPUs, "
+        f"{env['torch_threads']} torch threads",
+        f"- torch {env['torch']}, transformers {env['transformers']}, bild {env['bild']}, {env['date']}",
+    ]
+    if config.get("config_file"):
+        lines.append(f"- config: `{config['config_file']}`")
+    lines += ["", markdown_table(results), ""]
+    lines += [f"Note: {note}" for note in results.get("notes", [])]
+    lines += ["", "Columns:", "", DEFINITIONS]
+    return "\n".join(lines)
+
+
+def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json`` and ``results.md`` into ``out_dir`` (created); returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(json_safe(results), f, indent=2, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+    paths["md"].write_text(markdown_report(results), encoding="utf-8")
+    return paths
+
+
+def json_safe(value):
+    """Strict JSON: ``inf``/``nan`` become the strings ``"inf"``/``"-inf"``/``"nan"``, tuples lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _format(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return fmt.format(value)

@@ -1,0 +1,245 @@
+"""The benchmark's YAML config: load, validate with messages that name the bad key, apply overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+METHOD_NAMES = ("large", "small", "assisted", "bild")
+SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+METHOD_KEYS = {
+    "large": (),
+    "small": (),
+    "assisted": ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold"),
+    "bild": ("fallback_threshold", "rollback_threshold", "max_draft_tokens"),
+}
+DEFAULT_METHODS = ("large", "small", "assisted", "bild")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One decoding method to benchmark: its kind (``METHOD_NAMES``), settings and display label."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", default_label(self.name, self.params))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything `bild bench` needs; see the comment block at the top of ``configs/*.yaml``."""
+
+    task: str
+    small: str
+    large: str
+    data: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 1
+    max_new_tokens: int = 64
+    chat: bool = False
+    prefix: str | None = None
+    limit: int | None = None
+    threads: int | None = None
+    methods: tuple[MethodSpec, ...] = ()
+
+    def replace(self, **overrides: Any) -> BenchConfig:
+        """A copy with the non-None ``overrides`` applied and validated (command-line options)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        return parse_config({**self.to_dict(), **values}, source="command line")
+
+    def to_dict(self) -> dict:
+        """Plain data, as it would be written in YAML (methods as dicts)."""
+        values = dataclasses.asdict(self)
+        values["methods"] = [{"name": m.name, **m.params, "label": m.label} for m in self.methods]
+        return values
+
+
+def load_config(path: str | Path) -> BenchConfig:
+    """Read and validate a benchmark YAML file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Config file {str(path)!r} does not exist; see configs/*.yaml for examples.")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: Any, source: str = "config") -> BenchConfig:
+    """Validate a mapping of config keys and build a `BenchConfig`; ValueError names the bad key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}.")
+    allowed = [f.name for f in dataclasses.fields(BenchConfig)]
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; allowed keys: {allowed}.")
+    for key in ("task", "small", "large"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ValueError(
+                f"{source}: `{key}` is required and must be a non-empty string, got {raw.get(key)!r}."
+            )
+    values = dict(raw)
+    _check_choice(source, "device", values.get("device", "auto"), DEVICES, allow_prefix="cuda:")
+    _check_choice(source, "dtype", values.get("dtype", "auto"), DTYPES)
+    for key in ("batch_size", "max_new_tokens"):
+        values[key] = _positive_int(source, key, values.get(key, getattr(BenchConfig, key)))
+    for key in ("limit", "threads"):
+        if values.get(key) is not None:
+            values[key] = _positive_int(source, key, values[key])
+    if not isinstance(values.get("chat", False), bool):
+        raise ValueError(f"{source}: `chat` must be true or false, got {values['chat']!r}.")
+    for key in ("data", "prefix"):
+        if values.get(key) is not None and not isinstance(values[key], str):
+            raise ValueError(f"{source}: `{key}` must be a string or left out, got {values[key]!r}.")
+    values["methods"] = parse_methods(values.get("methods", list(DEFAULT_METHODS)), source)
+    return BenchConfig(**values)
+
+
+def parse_methods(raw: Any, source: str = "config") -> tuple[MethodSpec, ...]:
+    """Method entries: a name (``large``) or a mapping ``{name: bild, fallback_threshold: 0.6, ...}``."""
+    if isinstance(raw, MethodSpec):
+        return (raw,)
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ValueError(
+            f"{source}: `methods` must be a non-empty list of method names or mappings, got {raw!r}."
+        )
+    specs = tuple(m if isinstance(m, MethodSpec) else parse_method(m, source) for m in raw)
+    labels = [spec.label for spec in specs]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"{source}: methods {duplicates} appear twice; give each a distinct `label`.")
+    return specs
+
+
+def parse_method(raw: Any, source: str = "config") -> MethodSpec:
+    """One method entry, validated."""
+    entry = {"name": raw} if isinstance(raw, str) else raw
+    if not isinstance(entry, dict) or entry.get("name") not in METHOD_NAMES:
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        raise ValueError(
+            f"{source}: unknown method {name!r} in `methods`; allowed names: {list(METHOD_NAMES)}."
+        )
+    name = entry["name"]
+    params = {k: v for k, v in entry.items() if k not in ("name", "label")}
+    unknown = sorted(set(params) - set(METHOD_KEYS[name]))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key(s) {unknown} for method {name!r}; allowed keys: "
+            f"{['name', 'label', *METHOD_KEYS[name]]}."
+        )
+    label = entry.get("label") or ""
+    if not isinstance(label, str):
+        raise ValueError(f"{source}: `label` of method {name!r} must be a string, got {label!r}.")
+    check = _check_bild if name == "bild" else _check_assisted if name == "assisted" else None
+    return MethodSpec(name, check(params, source) if check else {}, label)
+
+
+def _check_bild(params: dict, source: str) -> dict:
+    from bild.config import (
+        DEFAULT_FALLBACK_THRESHOLD,
+        DEFAULT_MAX_DRAFT_TOKENS,
+        DEFAULT_ROLLBACK_THRESHOLD,
+    )
+
+    fallback = params.get("fallback_threshold", DEFAULT_FALLBACK_THRESHOLD)
+    rollback = parse_float(params.get("rollback_threshold", DEFAULT_ROLLBACK_THRESHOLD))
+    n_drafts = params.get("max_draft_tokens", DEFAULT_MAX_DRAFT_TOKENS)
+    if not _is_number(fallback) or not 0.0 <= fallback <= 1.0:
+        raise ValueError(f"{source}: bild `fallback_threshold` must be a number in [0, 1], got {fallback!r}.")
+    if not _is_number(rollback) or math.isnan(rollback) or rollback < 0:
+        raise ValueError(
+            f"{source}: bild `rollback_threshold` must be a number >= 0 or inf, got {rollback!r}."
+        )
+    n_drafts = _positive_int(source, "max_draft_tokens", n_drafts)
+    return {
+        "fallback_threshold": float(fallback),
+        "rollback_threshold": float(rollback),
+        "max_draft_tokens": n_drafts,
+    }
+
+
+def _check_assisted(params: dict, source: str) -> dict:
+    checked = {}
+    if "num_assistant_tokens" in params:
+        checked["num_assistant_tokens"] = _positive_int(
+            source, "num_assistant_tokens", params["num_assistant_tokens"]
+        )
+    if "num_assistant_tokens_schedule" in params:
+        _check_choice(
+            source, "num_assistant_tokens_schedule", params["num_assistant_tokens_schedule"], SCHEDULES
+        )
+        checked["num_assistant_tokens_schedule"] = params["num_assistant_tokens_schedule"]
+    if "assistant_confidence_threshold" in params:
+        value = params["assistant_confidence_threshold"]
+        if not _is_number(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"{source}: assisted `assistant_confidence_threshold` must be a number in [0, 1] (0 turns it off), "
+                f"got {value!r}."
+            )
+        checked["assistant_confidence_threshold"] = float(value)
+    return checked
+
+
+def default_label(name: str, params: dict) -> str:
+    """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts), ``assisted(n=5, constant, c=0.4)``, or the name."""
+    if name == "bild" and params:
+        return f"bild({params['fallback_threshold']:g}, {params['rollback_threshold']:g}, {params['max_draft_tokens']})"
+    if name == "assisted" and params:
+        parts = []
+        if "num_assistant_tokens" in params:
+            parts.append(f"n={params['num_assistant_tokens']}")
+        if "num_assistant_tokens_schedule" in params:
+            parts.append(params["num_assistant_tokens_schedule"])
+        if "assistant_confidence_threshold" in params:
+            parts.append(f"c={params['assistant_confidence_threshold']:g}")
+        return f"assisted({', '.join(parts)})"
+    return name
+
+
+def parse_float(value: Any) -> Any:
+    """Numbers pass through; the strings ``inf``/``.inf``/``infinity`` (any case) become ``math.inf``."""
+    if isinstance(value, str) and value.strip().lower().lstrip("+.") in ("inf", "infinity"):
+        return math.inf
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_float_list(text: str, what: str) -> list[float]:
+    """``"0.3,0.5,inf"`` -> ``[0.3, 0.5, inf]``; ValueError naming ``what`` on a bad item."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    values = [parse_float(item) for item in items]
+    bad = [item for item, value in zip(items, values, strict=True) if not _is_number(value)]
+    if bad or not values:
+        raise ValueError(f"{what}: expected comma-separated numbers (inf allowed), got {text!r}.")
+    return values
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(source: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{source}: `{key}` must be a positive integer, got {value!r}.")
+    return value
+
+
+def _check_choice(source: str, key: str, value: Any, allowed: tuple, allow_prefix: str | None = None) -> None:
+    if value in allowed or (allow_prefix and isinstance(value, str) and value.startswith(allow_prefix)):
+        return
+    raise ValueError(f"{source}: `{key}` must be one of {list(allowed)}, got {value!r}.")

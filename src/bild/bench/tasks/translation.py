@@ -1,0 +1,65 @@
+"""German->English translation scored with corpus BLEU and chrF (sacrebleu)."""
+
+from __future__ import annotations
+
+import re
+
+import sacrebleu
+
+from bild.bench.tasks.base import Example, Task, first_field
+
+_LABEL_RE = re.compile(r"^(english|translation)\s*:\s*", re.IGNORECASE)
+
+
+class TranslationTask(Task):
+    """De->En sentences; offline default: Ding dictionary examples (``de-en.jsonl``)."""
+
+    name = "translation"
+    metric = "bleu"
+    default_data = "de-en"
+    default_prefix = "translate German to English: "
+
+    def to_example(self, row: dict, index: int) -> Example:
+        """JSONL ``{id, source, reference}`` or a Hugging Face row ``{translation: {de, en}}``."""
+        if "translation" in row:  # iwslt2017 / wmt14 layout
+            pair = row["translation"]
+            return Example(str(row.get("id", index)), pair["de"], pair["en"])
+        source = first_field(row, ("source", "de"), "translation")
+        reference = first_field(row, ("reference", "en"), "translation")
+        return Example(str(row.get("id", index)), source, reference)
+
+    def instruction(self, example: Example) -> str:
+        """Ask a chat model for the bare translation."""
+        return (
+            "Translate the following German sentence into English. "
+            f"Reply with the English translation only.\n\n{example.source}"
+        )
+
+    def postprocess(self, text: str, example: Example) -> str:
+        """The first non-empty line, without an 'English:' label or surrounding quotes."""
+        line = first_line(text)
+        return _LABEL_RE.sub("", line).strip().strip('"').strip()
+
+    def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
+        """Corpus BLEU and chrF, 0-100."""
+        check_lengths(predictions, examples)
+        references = [[ex.reference for ex in examples]]
+        return {
+            "bleu": sacrebleu.corpus_bleu(predictions, references).score,
+            "chrf": sacrebleu.corpus_chrf(predictions, references).score,
+        }
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of ``text``, stripped ('' if there is none)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def check_lengths(predictions: list[str], examples: list[Example]) -> None:
+    """ValueError unless there is exactly one prediction per example."""
+    if len(predictions) != len(examples):
+        raise ValueError(
+            f"Got {len(predictions)} predictions for {len(examples)} examples; pass one per example."
+        )
+    if not examples:
+        raise ValueError("Nothing to score: pass at least one example.")
