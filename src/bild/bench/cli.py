@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from bild.bench.settings import BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
+from bild.bench.settings import DTYPES, BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
 
 DEFAULT_FALLBACKS = "0.3,0.5,0.7,0.9"
 DEFAULT_ROLLBACKS = "1,2,3,5,inf"
@@ -31,53 +30,56 @@ def build_parser() -> argparse.ArgumentParser:
         description="Big Little Decoder (BiLD): generate with it, benchmark it, sweep its thresholds.",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{generate,bench,sweep}")
+    _add_generate_parser(verbs)
+    _add_run_parser(verbs, "bench", "compare large, small, assisted and BiLD on a task", run_bench_verb)
+    sweep = _add_run_parser(
+        verbs, "sweep", "BiLD over a (fallback, rollback) grid plus baselines, with a Pareto plot", run_sweep
+    )
+    sweep.add_argument(
+        "--fallback", default=DEFAULT_FALLBACKS, help=f"fallback thresholds ({DEFAULT_FALLBACKS})"
+    )
+    sweep.add_argument(
+        "--rollback", default=DEFAULT_ROLLBACKS, help=f"rollback thresholds ({DEFAULT_ROLLBACKS})"
+    )
+    sweep.add_argument("--max-draft-tokens", type=int, help="N for every grid point (default: the config's)")
+    return parser
 
-    gen = verbs.add_parser("generate", help="BiLD-decode prompts and print outputs and stats",
-                           description="Decode prompts with BiLD (greedy) and print each output with its stats.")  # fmt: skip
+
+def _add_generate_parser(verbs) -> argparse.ArgumentParser:
+    gen = verbs.add_parser(
+        "generate",
+        help="BiLD-decode prompts and print outputs and stats",
+        description="Decode prompts with BiLD (greedy) and print each output with its stats.",
+    )
     gen.add_argument(
-        "--small", required=True, help="small model: hub id, folder, or name prepared under ~/.cache/bild"
+        "--small", required=True, help="small model: hub id, folder, or name under ~/.cache/bild/models"
     )
     gen.add_argument("--large", required=True, help="large model: hub id, folder, or prepared name")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    gen.add_argument(
-        "--fallback-threshold", type=float, default=None, help="alpha_FB in [0, 1] (default 0.6)"
-    )
-    gen.add_argument("--rollback-threshold", type=_float_or_inf, default=None, help=">= 0 or inf (default 2)")
-    gen.add_argument(
-        "--max-draft-tokens", type=int, default=None, help="most small-model drafts per round (10)"
-    )
+    gen.add_argument("--fallback-threshold", type=float, help="alpha_FB in [0, 1] (default 0.6)")
+    gen.add_argument("--rollback-threshold", type=_float_or_inf, help="alpha_RB >= 0 or inf (default 2)")
+    gen.add_argument("--max-draft-tokens", type=int, help="most small-model drafts per round (default 10)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     _add_machine_options(gen)
     gen.set_defaults(run=run_generate)
+    return gen
 
-    for verb, help_text, run in (
-        ("bench", "compare large, small, assisted and BiLD on a task", run_bench_verb),
-        ("sweep", "BiLD over a (fallback, rollback) grid plus baselines, with a Pareto plot", run_sweep),
-    ):
-        sub = verbs.add_parser(verb, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        sub.add_argument(
-            "--config", required=True, type=Path, help="benchmark YAML, e.g. configs/qwen-coder-de-en.yaml"
-        )
-        sub.add_argument("--limit", type=int, help="use the first N examples")
-        sub.add_argument("--out", type=Path, help="output folder (default runs/<config name>[-sweep])")
-        sub.add_argument("--batch-size", type=int)
-        sub.add_argument("--max-new-tokens", type=int)
-        sub.add_argument("--quiet", action="store_true", help="no progress bars")
-        _add_machine_options(sub, defaults=False)
-        if verb == "sweep":
-            sub.add_argument(
-                "--fallback", default=DEFAULT_FALLBACKS, help=f"fallback thresholds ({DEFAULT_FALLBACKS})"
-            )
-            sub.add_argument(
-                "--rollback", default=DEFAULT_ROLLBACKS, help=f"rollback thresholds ({DEFAULT_ROLLBACKS})"
-            )
-            sub.add_argument(
-                "--max-draft-tokens", type=int, help="N for every grid point (default: the config's)"
-            )
-        sub.set_defaults(run=run)
-    return parser
+
+def _add_run_parser(verbs, verb: str, help_text: str, run) -> argparse.ArgumentParser:
+    sub = verbs.add_parser(verb, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+    sub.add_argument(
+        "--config", required=True, type=Path, help="benchmark YAML, e.g. configs/qwen-coder-de-en.yaml"
+    )
+    sub.add_argument("--limit", type=int, help="use the first N examples")
+    sub.add_argument("--out", type=Path, help="output folder (default runs/<config name>[-sweep])")
+    sub.add_argument("--batch-size", type=int)
+    sub.add_argument("--max-new-tokens", type=int)
+    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_machine_options(sub, defaults=False)
+    sub.set_defaults(run=run)
+    return sub
 
 
 def _add_machine_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -160,53 +162,75 @@ def _run_and_report(config: BenchConfig, args, out_dir: Path, *, plot: bool) -> 
 def run_generate(args) -> int:
     import torch
 
-    import bild
-    from bild.bench.methods import greedy_kwargs, new_token_ids
-    from bild.bench.runner import clock, load_pair, resolve_device, resolve_dtype
+    from bild.bench.runner import load_pair, resolve_device, resolve_dtype
 
-    prompts = list(args.prompt)
-    if args.prompts_file is not None:
-        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        prompts += [line for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError("Nothing to generate: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    settings = bild_settings(args)
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype must be one of float32, bfloat16, float16, auto; got {args.dtype!r}.")
     pair = load_pair(args.large, args.small, device, resolve_dtype(args.dtype, device), attach=True)
-    settings = bild.BildSettings(
-        **{name: value for name, value in (
-            ("fallback_threshold", args.fallback_threshold), ("rollback_threshold", args.rollback_threshold),
-            ("max_draft_tokens", args.max_draft_tokens)) if value is not None}
-    )  # fmt: skip
     print(f"BiLD: fallback {settings.fallback_threshold:g}, rollback {settings.rollback_threshold:g}, "
           f"max drafts {settings.max_draft_tokens}")  # fmt: skip
     for i, prompt in enumerate(prompts):
-        text = prompt
-        if args.chat:
-            from bild.bench.tasks.base import chat_prompt
-
-            text = chat_prompt(pair.tokenizer, prompt)
-        inputs = dict(
-            pair.tokenizer([text], return_tensors="pt", add_special_tokens=not args.chat).to(device)
+        ids, stats, wall_s = generate_one(
+            pair, prompt, settings, chat=args.chat, max_new_tokens=args.max_new_tokens
         )
-        with torch.inference_mode():
-            start = clock(device)
-            out = pair.large.generate(
-                **inputs, **greedy_kwargs(pair, args.max_new_tokens), generation_mode="bild",
-                fallback_threshold=settings.fallback_threshold,
-                rollback_threshold=settings.rollback_threshold, max_draft_tokens=settings.max_draft_tokens,
-            )  # fmt: skip
-            wall_s = clock(device) - start
-        ids = new_token_ids(pair, inputs, out.sequences)[0]
-        stats = {name: values[0] for name, values in out.bild_stats.to_dict().items()}
         print(f"--- prompt {i + 1}: {_shorten(prompt)} ---")
         print(pair.tokenizer.decode(ids, skip_special_tokens=True))
-        print(f"[{len(ids)} tokens in {wall_s:.2f} s ({len(ids) / wall_s:.1f} tok/s); "
-              + ", ".join(f"{name} {value}" for name, value in stats.items()) + "]")  # fmt: skip
+        counts = ", ".join(f"{name} {value}" for name, value in stats.items())
+        print(f"[{len(ids)} tokens in {wall_s:.2f} s ({len(ids) / wall_s:.1f} tok/s); {counts}]")
     return 0
+
+
+def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    """The ``--prompt`` texts, then the non-blank lines of ``--prompts-file``."""
+    prompts = list(prompts)
+    if prompts_file is not None:
+        prompts += [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("Nothing to generate: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    return prompts
+
+
+def bild_settings(args):
+    """`bild.BildSettings` from the options given; the others keep the core defaults."""
+    import bild
+
+    names = ("fallback_threshold", "rollback_threshold", "max_draft_tokens")
+    return bild.BildSettings(
+        **{name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    )
+
+
+def generate_one(pair, prompt: str, settings, *, chat: bool, max_new_tokens: int):
+    """BiLD-decode one prompt: (new token ids, stats of the row, wall seconds)."""
+    import dataclasses
+
+    import torch
+
+    from bild.bench.methods import greedy_kwargs, new_token_ids
+    from bild.bench.runner import clock
+    from bild.bench.tasks.base import chat_prompt
+
+    device = pair.large.device
+    text = chat_prompt(pair.tokenizer, prompt) if chat else prompt
+    inputs = dict(
+        pair.tokenizer([text], return_tensors="pt", add_special_tokens=not chat).to(device)
+    )  # [1, T]
+    with torch.inference_mode():
+        start = clock(device)
+        out = pair.large.generate(
+            **inputs,
+            **greedy_kwargs(pair, max_new_tokens),
+            generation_mode="bild",
+            **dataclasses.asdict(settings),
+        )
+        wall_s = clock(device) - start
+    stats = {name: values[0] for name, values in out.bild_stats.to_dict().items()}
+    return new_token_ids(pair, inputs, out.sequences)[0], stats, wall_s
 
 
 def _shorten(text: str, width: int = 60) -> str:

@@ -23,9 +23,8 @@ class MethodRecord:
 
     token_ids: dict[int, list[int]] = field(default_factory=dict)  # example index -> generated ids
     bild_stats: dict[int, dict[str, int]] = field(default_factory=dict)  # example index -> stats row
-    calls: list[dict] = field(
-        default_factory=list
-    )  # {"examples", "wall_s", "large_forwards", "small_forwards"}
+    # one per timed call: {"examples": [indices], "wall_s", "large_forwards", "small_forwards"}
+    calls: list[dict] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
