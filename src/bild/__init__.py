@@ -3,7 +3,7 @@
 from .cache import BildCache
 from .config import BildGenerationConfig, BildSettings
 from .integration import BildGenerateOutput, BildGenerationMixin, attach, detach
-from .stats import BildStats
+from .stats import BildStats, collect_stats
 
 __all__ = [
     "BildCache",
@@ -13,6 +13,7 @@ __all__ = [
     "BildSettings",
     "BildStats",
     "attach",
+    "collect_stats",
     "detach",
 ]
 __version__ = "0.1.0"

@@ -322,6 +322,7 @@ def decode(
     sequences = rows.seq[:, : int(rows.lengths.max())]
     is_after_end = torch.arange(sequences.shape[1], device=device) >= rows.lengths[:, None]
     sequences = sequences.masked_fill(is_after_end, rules.pad_token_id)
+    rows.stats["generated"] = rows.lengths - prompt_length
     stats = BildStats(
         **{name: rows.stats.get(name, torch.zeros_like(n_pads)).tolist() for name in BildStats.fields()}
     )

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 from .cache import BildCache
 from .config import BILD_FIELDS, BILD_MODE, BildSettings
 from .decoding import Rules, decode
-from .stats import BildStats
+from .stats import BildStats, report
 
 MAX_PADDING_ROWS = 128  # vocabularies of one tokenizer may differ by this many padding rows (Qwen2.5: 128)
 _ASSISTANT_ATTR = "_bild_assistant_model"
@@ -157,6 +157,7 @@ def _bild_decoding(
     )
     if streamer is not None:
         streamer.end()
+    report(result.stats)
     if generation_config.return_dict_in_generate:
         return BildGenerateOutput(sequences=result.sequences, bild_stats=result.stats, cache=result.caches)
     return result.sequences
