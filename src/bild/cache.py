@@ -63,12 +63,6 @@ class TrackedCache:
             self.kv.crop(new_length - self.length)  # crop() takes the (negative) number of slots to remove
             self.slot_index = self.slot_index[:, :new_length]
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows ``rows`` (a 1-D index tensor)."""
-        self.kv.batch_select_indices(rows)
-        self.slot_index = self.slot_index[rows]
-        self.n_seen = self.n_seen[rows]
-
 
 @dataclass
 class BildCache:
@@ -81,7 +75,3 @@ class BildCache:
         """Roll both models back to the first ``keep_len[b]`` tokens of each row."""
         self.large.discard_from(keep_len)
         self.small.discard_from(keep_len)
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.large.select_rows(rows)
-        self.small.select_rows(rows)

@@ -101,7 +101,8 @@ class Decoder:
             kwargs["decoder_input_ids"] = input_ids
         else:
             kwargs.update(input_ids=input_ids, attention_mask=mask)
-            kwargs["position_ids"] = (index - rows.n_pads[:, None]).clamp(min=0)
+            if self.takes_position_ids:  # those that don't are only ever given batches of one, without gaps
+                kwargs["position_ids"] = (index - rows.n_pads[:, None]).clamp(min=0)
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n_keep
         logits = self.model(**kwargs).logits  # [B, L or n_keep, V_model]

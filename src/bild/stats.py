@@ -31,10 +31,6 @@ class BildStats:
         """Stack the rows of several stats objects (e.g. rows decoded one by one)."""
         return cls(**{f.name: [n for part in parts for n in getattr(part, f.name)] for f in fields(cls)})
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.large_forwards)
-
     def total(self, name: str) -> int:
         """Sum of one counter over all rows, e.g. ``stats.total("large_forwards")``."""
         return sum(getattr(self, name))
