@@ -64,7 +64,7 @@ class Decoder:
         self.encoder_kwargs = encoder_kwargs or {}
         params = inspect.signature(model.forward).parameters
         self.is_encoder_decoder = model.config.is_encoder_decoder
-        self.takes_position_ids = "position_ids" in params
+        self.takes_position_ids = _takes_position_ids(model)
         self.takes_logits_to_keep = "logits_to_keep" in params
 
     def forward(
@@ -330,11 +330,13 @@ def decode(
     return DecodeResult(sequences, stats, caches)
 
 
+def _takes_position_ids(model: PreTrainedModel) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
 def _can_batch_rows(model: PreTrainedModel) -> bool:
     """Rows with gaps need explicit position ids; encoder-decoder decoders take positions from cache slots."""
-    return (
-        not model.config.is_encoder_decoder and "position_ids" in inspect.signature(model.forward).parameters
-    )
+    return not model.config.is_encoder_decoder and _takes_position_ids(model)
 
 
 def _decode_rows_alone(
