@@ -10,7 +10,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaL
 
 from .cache import BildCache, TrackedCache
 from .config import BildSettings
-from .policies import find_rollback, should_fall_back
+from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
 from .stats import BildStats
 
 # B: batch rows, T: sequence length, L: chunk fed in one forward, K: most drafts in a round, V: vocabulary.
@@ -26,6 +26,8 @@ class Rules:
     pad_token_id: int
     eos_token_ids: torch.Tensor | None  # [n_eos]
     vocab_size: int  # shared by both models; logits beyond it are ignored
+    do_sample: bool = False  # draw tokens from the processed distributions instead of taking the argmax
+    generator: torch.Generator | None = None  # randomness for sampling (None: torch's global generator)
     streamer: object | None = None
 
 
@@ -146,15 +148,17 @@ def is_eos(rules: Rules, token_ids: torch.Tensor) -> torch.Tensor:
 
 def draft(
     small: Decoder, rows: Rows, rules: Rules, settings: BildSettings
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Step 1: the small model drafts until it is unsure, drafts N tokens, or reaches EOS or the length limit.
 
     Drafts are written into ``rows.seq`` (tentatively) and ``rows.lengths`` grows with them.
-    Returns `(batch_size,)` counts of drafts and `(batch_size,)` bool, whether the row fell back.
+    Returns `(batch_size,)` counts of drafts, `(batch_size,)` bool, whether the row fell back, and, when
+    sampling, `(batch_size, K, vocab_size)` the distributions draft ``i`` was drawn from (else None).
     """
     start = rows.lengths.clone()
     is_drafting = ~rows.finished & (rows.lengths < rules.max_length)
     fell_back = torch.zeros_like(is_drafting)
+    draft_probs = []
     for _ in range(settings.max_draft_tokens):
         if not bool(is_drafting.any()):
             break
@@ -162,14 +166,26 @@ def draft(
         rows.count("small_forwards", is_drafting)
         scores = process(rules, rows, logits, rows.lengths[:, None], is_drafting[:, None])[:, 0]  # [B, V]
         probs = scores.softmax(dim=-1)
-        token_ids = probs.argmax(dim=-1)  # [B]
         is_unsure = is_drafting & should_fall_back(probs, settings.fallback_threshold)
         fell_back |= is_unsure
         is_taken = is_drafting & ~is_unsure
+        if rules.do_sample:
+            draft_probs.append(probs)
+            token_ids = torch.zeros_like(rows.lengths)
+            token_ids[is_taken] = sample(probs[is_taken], rules.generator)
+        else:
+            token_ids = probs.argmax(dim=-1)  # [B]
         rows.write(is_taken, rows.lengths, token_ids)
         rows.lengths += is_taken
         is_drafting = is_taken & ~is_eos(rules, token_ids) & (rows.lengths < rules.max_length)
-    return rows.lengths - start, fell_back
+    n_drafted = rows.lengths - start
+    if not rules.do_sample:
+        return n_drafted, fell_back, None
+    # row b's draft i was drawn at step i: drafting only ever stops, so step i never skips a drafting row
+    draft_probs = draft_probs[: int(n_drafted.max())]
+    if not draft_probs:
+        return n_drafted, fell_back, torch.zeros(len(start), 0, rules.vocab_size, device=start.device)
+    return n_drafted, fell_back, torch.stack(draft_probs, dim=1)
 
 
 def verify(
@@ -234,18 +250,28 @@ def bild_loop(
         is_active = ~rows.finished
         start = rows.lengths.clone()  # [B] index of this round's first new token
         # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
-        n_drafted, fell_back = draft(small, rows, rules, settings)
+        n_drafted, fell_back, draft_probs = draft(small, rows, rules, settings)
         # 2. The large model reads everything it has not seen, drafts included, in one forward
         target_scores = verify(large, rows, rules, start, n_drafted)  # [B, K+1, V]
-        target_ids = target_scores.argmax(dim=-1)  # [B, K+1]
         # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
         draft_ids = rows.tokens_at(
-            start[:, None] + torch.arange(target_ids.shape[1] - 1, device=start.device)
-        )
-        n_accepted, is_rollback = find_rollback(
-            draft_ids, n_drafted, target_scores.log_softmax(dim=-1), target_ids, settings.rollback_threshold
-        )
-        next_ids = target_ids.gather(1, n_accepted[:, None]).squeeze(1)  # [B]
+            start[:, None] + torch.arange(target_scores.shape[1] - 1, device=start.device)
+        )  # [B, K]
+        if rules.do_sample:
+            n_accepted, is_rollback, next_ids = find_rollback_sampled(
+                draft_ids,
+                n_drafted,
+                draft_probs,
+                target_scores.softmax(dim=-1),
+                settings.rollback_threshold,
+                rules.generator,
+            )
+        else:
+            target_ids = target_scores.argmax(dim=-1)  # [B, K+1]
+            n_accepted, is_rollback = find_rollback(
+                draft_ids, n_drafted, target_scores.log_softmax(dim=-1), target_ids, settings.rollback_threshold
+            )
+            next_ids = target_ids.gather(1, n_accepted[:, None]).squeeze(1)  # [B]
         # 4. Keep the accepted tokens; both caches forget the rest
         accept(rows, caches, rules, start, n_accepted, next_ids)
         # 5. Stopping criteria (EOS, max length, stop strings, ...) on every new token

@@ -81,9 +81,10 @@ class BildGenerationMixin:
             if kwargs.get(name) is not None:
                 raise ValueError(f"BiLD builds both models' caches itself: leave `{name}` out of the call.")
         streamer = kwargs.pop("streamer", None)
+        generator = _check_generator(kwargs.pop("generator", None), self.device)
         stopping_criteria = _stop_string_criteria(base_config, tokenizer, kwargs)
         bild_decoding = functools.partial(
-            _bild_decoding, assistant_model=assistant, settings=settings, streamer=streamer
+            _bild_decoding, assistant_model=assistant, settings=settings, streamer=streamer, generator=generator
         )
         return super().generate(
             inputs,
@@ -116,6 +117,7 @@ def _bild_decoding(
     assistant_model: PreTrainedModel,
     settings: BildSettings,
     streamer=None,
+    generator: torch.Generator | None = None,
     inputs_tensor: torch.Tensor | None = None,
     **model_kwargs: Any,
 ):
@@ -141,6 +143,8 @@ def _bild_decoding(
         pad_token_id=int(pad) if pad is not None else 0,
         eos_token_ids=None if eos is None else eos.reshape(-1).to(input_ids.device),
         vocab_size=min(vocab_size(model), vocab_size(assistant_model)),
+        do_sample=bool(generation_config.do_sample),
+        generator=generator,
         streamer=streamer,
     )
     if streamer is not None:
@@ -166,8 +170,11 @@ def _bild_decoding(
 def _check_generation_config(config: GenerationConfig, batch_size: int, streamer) -> None:
     """Refuse, with the alternative, what BiLD decoding does not support yet."""
     unsupported = {
-        "do_sample=True": config.do_sample,
-        f"num_beams={config.num_beams}": config.num_beams > 1,
+        f"num_beams={config.num_beams} (beam search)": config.num_beams > 1,
+        "constraints / force_words_ids (constrained beam search)": (
+            getattr(config, "constraints", None) is not None or getattr(config, "force_words_ids", None) is not None
+        ),
+        "penalty_alpha (contrastive search)": bool(getattr(config, "penalty_alpha", None)),
         f"num_return_sequences={config.num_return_sequences}": config.num_return_sequences > 1,
         "output_scores / output_logits": config.output_scores or config.output_logits,
         "output_attentions / output_hidden_states": config.output_attentions or config.output_hidden_states,
@@ -175,13 +182,28 @@ def _check_generation_config(config: GenerationConfig, batch_size: int, streamer
     for option, is_set in unsupported.items():
         if is_set:
             raise ValueError(
-                f"generation_mode='bild' does not support {option} yet: BiLD decodes greedily, one sequence per "
-                "input. Drop that option, or leave generation_mode out to use stock generate()."
+                f"generation_mode='bild' does not support {option}: BiLD decodes one sequence per input, greedily "
+                "or by sampling (do_sample=True). Drop that option (for several samples per prompt, repeat the "
+                "prompt in the batch), or leave generation_mode out to use stock generate()."
             )
     if streamer is not None and batch_size > 1:
         raise ValueError(
             "Streaming supports batch size 1 (like stock generate()): pass one prompt at a time."
         )
+
+
+def _check_generator(generator, device: torch.device) -> torch.Generator | None:
+    """BiLD's sampling draws from ``generator`` when given (stock generate() has no such argument)."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"`generator` lives on {generator.device} but the models on {device}: create it with "
+            f"torch.Generator(device={str(device)!r}).manual_seed(seed)."
+        )
+    return generator
 
 
 def _check_left_padding(attention_mask: torch.Tensor | None) -> None:

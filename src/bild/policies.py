@@ -50,3 +50,61 @@ def find_rollback(
     first_bad = is_bad.int().argmax(dim=-1)  # 0 where nothing is bad, masked below
     n_accepted = torch.where(is_rollback, first_bad, n_drafted)
     return n_accepted, is_rollback
+
+
+def find_rollback_sampled(
+    draft_ids: torch.Tensor,
+    n_drafted: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    rollback_threshold: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampling counterpart of `find_rollback`, which also draws the large model's next token.
+
+    With ``rollback_threshold > 0`` (BiLD): draft ``d_i`` is rolled back when its cross-entropy under the
+    large model, ``-log p_i(d_i)``, exceeds alpha_RB; the next token is drawn from ``p`` at the first
+    rolled-back draft (or after the last draft when none is).
+    With ``rollback_threshold == 0``: exact speculative sampling (Leviathan et al., 2023; Chen et al., 2023).
+    Draft ``d_i`` is kept with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first rejection the next
+    token is drawn from ``max(0, p_i - q_i)`` renormalized, so every token is distributed exactly as ``p``.
+
+    Args:
+        draft_ids: `(batch_size, k)` drafted tokens; row ``b`` uses its first ``n_drafted[b]``.
+        n_drafted: `(batch_size,)` number of real drafts per row.
+        draft_probs: `(batch_size, k, vocab_size)` processed small-model probabilities the drafts were drawn from.
+        target_probs: `(batch_size, k + 1, vocab_size)` processed large-model probabilities.
+        rollback_threshold: alpha_RB.
+        generator: source of randomness (None: torch's global generator, like stock sampling).
+    Returns:
+        n_accepted: `(batch_size,)` drafts kept.
+        is_rollback: `(batch_size,)` bool, whether a draft was rolled back (rejected).
+        next_ids: `(batch_size,)` the large model's token after the kept drafts.
+    """
+    batch_size, k = draft_ids.shape
+    batch = torch.arange(batch_size, device=draft_ids.device)
+    is_real = torch.arange(k, device=draft_ids.device) < n_drafted[:, None]  # [B, k]
+    p_drafts = target_probs[:, :k].gather(-1, draft_ids[..., None]).squeeze(-1)  # [B, k]
+    if rollback_threshold == 0:
+        q_drafts = draft_probs.gather(-1, draft_ids[..., None]).squeeze(-1)  # [B, k], > 0: drafts came from q
+        u = torch.rand(p_drafts.shape, generator=generator, device=p_drafts.device)
+        is_bad = is_real & (u * q_drafts > p_drafts)  # reject unless u <= p / q
+    else:
+        is_bad = is_real & (-p_drafts.log() > rollback_threshold)
+    is_rollback = is_bad.any(dim=-1)
+    first_bad = is_bad.int().argmax(dim=-1) if k > 0 else n_drafted  # k == 0: every row fell back at once
+    n_accepted = torch.where(is_rollback, first_bad, n_drafted)
+
+    next_probs = target_probs[batch, n_accepted]  # [B, V]
+    if rollback_threshold == 0 and k > 0:
+        residual = (next_probs - draft_probs[batch, n_accepted.clamp(max=k - 1)]).clamp(min=0)
+        # p == q leaves no residual, but then a rejection has probability 0; guard against rounding
+        use_residual = is_rollback & (residual.sum(dim=-1) > 0)
+        next_probs = torch.where(use_residual[:, None], residual, next_probs)
+    next_ids = sample(next_probs, generator)
+    return n_accepted, is_rollback, next_ids
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from `(batch_size, vocab_size)` unnormalized non-negative weights."""
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
