@@ -18,7 +18,7 @@ from bild.bench.report import json_safe
 from bild.bench.settings import parse_config, parse_float_list
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_pair import build_tiny_pair, build_tiny_seq2seq_pair, synthetic_pairs  # noqa: E402
+from tiny_pair import build_tiny_seq2seq_pair, synthetic_pairs  # noqa: E402
 
 HAS_CORE = hasattr(bild, "attach")
 needs_core = pytest.mark.skipif(not HAS_CORE, reason="bild.attach (the core API) is not there yet")
@@ -28,11 +28,6 @@ SUMMARY_KEYS = {
     "small_forwards", "large_forwards_per_token", "small_forwards_per_token", "quality", "scores",
     "exact_match_large", "prefix_agreement_large",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    return build_tiny_pair(tmp_path_factory.mktemp("tiny-pair"))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +111,23 @@ def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
 
     report = (out / "results.md").read_text(encoding="utf-8")
     assert "| method | bleu |" in report and "bild-as-small" in report and "Columns:" in report
+
+
+@needs_core
+def test_stop_strings_end_every_method(tiny_pair, data_file, tmp_path):
+    """A stop string ends large, assisted and BiLD alike; batched rows that stop early lose their padding."""
+    methods = ["large", {"name": "assisted", "num_assistant_tokens": 4},
+               {"name": "bild", "fallback_threshold": 0.5, "rollback_threshold": 0.0, "label": "bild-lossless"}]  # fmt: skip
+    config = write_config(tmp_path, tiny_pair, data_file, batch_size=2, stop_strings=[" "], methods=methods)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["config"]["stop_strings"] == [" "]
+    for example in results["examples"]:
+        outputs = example["outputs"]
+        texts = {label: outputs[label]["text"] for label in ("large", "assisted(n=4)", "bild-lossless")}
+        assert len(set(texts.values())) == 1, texts
+        assert outputs["large"]["n_tokens"] < 16 and texts["large"].strip().count(" ") <= 1, texts
 
 
 @needs_core
@@ -207,6 +219,7 @@ BASE = {"task": "translation", "small": "s", "large": "l"}
         ({"methods": [{"name": "bild", "max_draft_tokens": 0}]}, "`max_draft_tokens` must be a positive integer"),
         ({"methods": [{"name": "assisted", "num_assistant_tokens_schedule": "fast"}]}, "`num_assistant_tokens_schedule` must be one of"),
         ({"methods": ["large", "large"]}, "methods ['large'] appear twice"),
+        ({"stop_strings": ["", "x"]}, "`stop_strings` must be a list of non-empty strings"),
     ],
 )  # fmt: skip
 def test_config_validation_names_the_bad_key(changes, message):

@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteriaList, StopStringCriteria
 
 from bild.bench.settings import MethodSpec
 from bild.stats import BildStats
@@ -71,9 +72,13 @@ def count_forwards(models: dict[str, torch.nn.Module]):
             handle.remove()
 
 
-def generate(spec: MethodSpec, pair: ModelPair, batch: Batch, max_new_tokens: int) -> Generated:
-    """Run one method on one batch; greedy decoding for all."""
+def generate(
+    spec: MethodSpec, pair: ModelPair, batch: Batch, max_new_tokens: int, stopping_criteria=None
+) -> Generated:
+    """Run one method on one batch; greedy decoding for all, ended by EOS, ``stopping_criteria`` or the budget."""
     kwargs = greedy_kwargs(pair, max_new_tokens)
+    if stopping_criteria:
+        kwargs["stopping_criteria"] = stopping_criteria
     if spec.name in ("large", "small"):
         model = pair.large if spec.name == "large" else pair.small
         out = model.generate(**batch.inputs, **kwargs)
@@ -84,6 +89,17 @@ def generate(spec: MethodSpec, pair: ModelPair, batch: Batch, max_new_tokens: in
         out = pair.large.generate(**batch.inputs, **kwargs, generation_mode="bild", **spec.params)
         return Generated(new_token_ids(pair, batch.inputs, out.sequences), out.bild_stats)
     raise ValueError(f"Unknown method {spec.name!r}.")
+
+
+def stop_string_criteria(pair: ModelPair, stop_strings: tuple[str, ...]) -> StoppingCriteriaList | None:
+    """Stop strings as a stopping criterion, built once and given to every method.
+
+    Not ``generate(stop_strings=..., tokenizer=...)``: stock assisted generation copies ``stop_strings`` into
+    the assistant's generation config but not the tokenizer, and then fails (transformers 5.17-5.24).
+    """
+    if not stop_strings:
+        return None
+    return StoppingCriteriaList([StopStringCriteria(pair.tokenizer, list(stop_strings))])
 
 
 def greedy_kwargs(pair: ModelPair, max_new_tokens: int) -> dict:
@@ -119,13 +135,18 @@ def _assisted(spec: MethodSpec, pair: ModelPair, row: dict, kwargs: dict) -> lis
 def new_token_ids(pair: ModelPair, inputs: dict, sequences: torch.Tensor) -> list[list[int]]:
     """Generated ids per row, through the first EOS (inclusive), without the prompt or padding.
 
+    Rows that end without EOS (a stop string) are followed by padding in a batch; it is dropped too.
+
     ``sequences``: [B, T] prompt + new tokens (decoder-only) or decoder start + new tokens (encoder-decoder).
     """
     n_prefix = 1 if pair.is_encoder_decoder else inputs["input_ids"].shape[1]
     rows = []
     for ids in sequences[:, n_prefix:].tolist():
         end = next((i + 1 for i, token in enumerate(ids) if token in pair.eos_token_ids), len(ids))
-        rows.append(ids[:end])
+        ids = ids[:end]
+        while ids and ids[-1] == pair.pad_token_id and ids[-1] not in pair.eos_token_ids:
+            ids.pop()
+        rows.append(ids)
     return rows
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bild.bench.methods import Batch, Generated, ModelPair, count_forwards, generate
+from bild.bench.methods import Batch, Generated, ModelPair, count_forwards, generate, stop_string_criteria
 from bild.bench.paths import resolve_model
 from bild.bench.settings import BenchConfig, MethodSpec
 
@@ -119,22 +119,23 @@ def run_methods(config: BenchConfig, pair: ModelPair, batches: list[Batch], *, p
 
     device = pair.large.device
     records = {spec.label: MethodRecord() for spec in config.methods}
+    stopping = stop_string_criteria(pair, config.stop_strings)
     with torch.inference_mode():
         for spec in tqdm(config.methods, desc="warm-up", disable=not progress, leave=False):
-            generate(spec, pair, batches[0].first_row(), min(WARMUP_TOKENS, config.max_new_tokens))
+            generate(spec, pair, batches[0].first_row(), min(WARMUP_TOKENS, config.max_new_tokens), stopping)
         for step, batch in enumerate(tqdm(batches, desc="examples", unit="batch", disable=not progress)):
             for spec in rotated(config.methods, step):
-                timed_call(spec, pair, batch, config.max_new_tokens, records[spec.label], device)
+                timed_call(spec, pair, batch, config.max_new_tokens, stopping, records[spec.label], device)
     return records
 
 
 def timed_call(
-    spec: MethodSpec, pair, batch: Batch, max_new_tokens: int, record: MethodRecord, device
+    spec: MethodSpec, pair, batch: Batch, max_new_tokens: int, stopping, record: MethodRecord, device
 ) -> None:
     """One timed method call; stores its outputs, wall time and forward counts in ``record``."""
     with count_forwards({"large": pair.large, "small": pair.small}) as counts:
         start = clock(device)
-        out: Generated = generate(spec, pair, batch, max_new_tokens)
+        out: Generated = generate(spec, pair, batch, max_new_tokens, stopping)
         wall_s = clock(device) - start
     for row, index in enumerate(batch.indices):
         record.token_ids[index] = out.token_ids[row]

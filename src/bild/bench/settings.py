@@ -50,6 +50,7 @@ class BenchConfig:
     prefix: str | None = None
     limit: int | None = None
     threads: int | None = None
+    stop_strings: tuple[str, ...] = ()
     methods: tuple[MethodSpec, ...] = ()
 
     def replace(self, **overrides: Any) -> BenchConfig:
@@ -61,6 +62,7 @@ class BenchConfig:
         """Plain data, as it would be written in YAML (methods as dicts)."""
         values = dataclasses.asdict(self)
         values["methods"] = [{"name": m.name, **m.params, "label": m.label} for m in self.methods]
+        values["stop_strings"] = list(self.stop_strings)
         return values
 
 
@@ -102,6 +104,7 @@ def parse_config(raw: Any, source: str = "config") -> BenchConfig:
     for key in ("data", "prefix"):
         if values.get(key) is not None and not isinstance(values[key], str):
             raise ValueError(f"{source}: `{key}` must be a string or left out, got {values[key]!r}.")
+    values["stop_strings"] = _string_list(source, "stop_strings", values.get("stop_strings") or [])
     values["methods"] = parse_methods(values.get("methods", list(DEFAULT_METHODS)), source)
     return BenchConfig(**values)
 
@@ -237,6 +240,14 @@ def _positive_int(source: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{source}: `{key}` must be a positive integer, got {value!r}.")
     return value
+
+
+def _string_list(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{source}: `{key}` must be a list of non-empty strings, got {value!r}.")
+    return tuple(value)
 
 
 def _check_choice(source: str, key: str, value: Any, allowed: tuple, allow_prefix: str | None = None) -> None:
