@@ -133,6 +133,14 @@ def bart_pair():
 
 
 @pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """Folders of a tiny trained Qwen2 pair sharing a BPE tokenizer with a chat template (tests/tiny_pair.py)."""
+    from tiny_pair import build_tiny_pair
+
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny-pair"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()
 

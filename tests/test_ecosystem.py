@@ -140,3 +140,25 @@ def test_text_generation_pipeline(pair, tokenizer):
         )
     assert lossless == stock
     assert len(calls) == 1
+
+
+def test_chat_pipeline_greedy_and_sampling(tiny_pair):
+    """Chat messages go through the tokenizer's chat template; the pipeline's generation config may sample."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair.large, padding_side="left")
+    large = AutoModelForCausalLM.from_pretrained(tiny_pair.large)
+    small = AutoModelForCausalLM.from_pretrained(tiny_pair.small)
+    generator = pipeline("text-generation", model=bild.attach(large, small), tokenizer=tokenizer)
+    chat = [{"role": "user", "content": "Translate to English: Der Hund läuft schnell."}]
+
+    stock = generator(chat, max_new_tokens=12, do_sample=False)
+    lossless = generator(chat, generation_mode="bild", rollback_threshold=0.0, max_new_tokens=12, do_sample=False)
+    assert lossless == stock
+    assert stock[0]["generated_text"][-1]["role"] == "assistant"
+
+    def sampled(seed):
+        torch.manual_seed(seed)
+        return generator(chat, generation_mode="bild", max_new_tokens=12, do_sample=True, temperature=1.5)
+
+    assert sampled(0) == sampled(0)

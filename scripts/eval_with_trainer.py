@@ -1,0 +1,138 @@
+"""Evaluate a small/large pair with BiLD inside a `Seq2SeqTrainer` prediction loop; nothing is fine-tuned.
+
+    python scripts/eval_with_trainer.py --task translation --limit 16
+    python scripts/eval_with_trainer.py --task summarization --data hf:xsum --small S --large L --no-chat
+
+Decoding goes through `Seq2SeqTrainer.predict` (predict_with_generate, a `BildGenerationConfig`, the
+Trainer's progress bar), scoring through the bench task's metric (sacrebleu BLEU/chrF, rouge-score
+ROUGE-L, HumanEval pass@1), and the BiLD stats of the loop's generate() calls, gathered with
+`bild.collect_stats()`, are reported next to the metric. Writes ``metrics.json`` and
+``predictions.jsonl`` to ``--out``. Defaults: the offline Qwen2.5-Coder pair and data prepared by
+scripts/prepare_models.py and scripts/prepare_data.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_SMALL = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_LARGE = "qwen2.5-coder-1.5b-instruct"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="translation", help="code | translation | summarization")
+    parser.add_argument("--data", default=None, help="JSONL path, prepared set name or hf:<id>[:<config>]")
+    parser.add_argument("--small", default=DEFAULT_SMALL, help="hub id, folder or prepared model name")
+    parser.add_argument("--large", default=DEFAULT_LARGE, help="hub id, folder or prepared model name")
+    parser.add_argument("--limit", type=int, default=16, help="first N examples (default 16)")
+    parser.add_argument("--batch-size", type=int, default=8, help="per_device_eval_batch_size (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--fallback", type=float, default=0.5, help="fallback_threshold (default 0.5)")
+    parser.add_argument("--rollback", type=float, default=2.0, help="rollback_threshold (default 2.0)")
+    parser.add_argument("--max-draft-tokens", type=int, default=10)
+    parser.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts, no chat template")
+    parser.add_argument("--prefix", default=None, help="replaces the task's instruction (chat) or prefix")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default="runs/eval-with-trainer", help="output folder")
+    return parser.parse_args(argv)
+
+
+def new_tokens(row: list[int], prompt: list[int], pad_token_id: int) -> list[int]:
+    """The generated part of one prediction row: left padding, then the prompt, then new tokens.
+
+    `Seq2SeqTrainer` returns decoder-only predictions as prompt + continuation, padded per batch on the
+    left (the tokenizer's) and on the right (pad id, then -100 across batches).
+    """
+    start = 0
+    while start < len(row) and row[start] == pad_token_id:
+        start += 1
+    end = start + len(prompt)
+    if row[start:end] != prompt:
+        raise ValueError("A prediction does not start with its prompt: was the dataset reordered?")
+    return [t for t in row[end:] if t >= 0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    import bild
+    from bild.bench.runner import load_pair
+    from bild.bench.tasks import get_task
+
+    task = get_task(args.task)
+    examples = task.load(args.data, args.limit)
+    pair = load_pair(args.large, args.small, torch.device("cpu"), getattr(torch, args.dtype), attach=True)
+    tokenizer = pair.tokenizer
+    texts = [task.prompt(ex, tokenizer, chat=args.chat, prefix=args.prefix) for ex in examples]
+    if pair.is_encoder_decoder:
+        dataset = Dataset.from_dict(dict(tokenizer(texts, truncation=True)))
+    else:
+        dataset = Dataset.from_dict(dict(tokenizer(texts, add_special_tokens=not args.chat)))
+
+    generation_config = bild.BildGenerationConfig(
+        fallback_threshold=args.fallback,
+        rollback_threshold=args.rollback,
+        max_draft_tokens=args.max_draft_tokens,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,  # instruct checkpoints ship sampling defaults; evaluation decodes greedily
+        eos_token_id=pair.eos_token_ids,
+        pad_token_id=pair.pad_token_id,
+        decoder_start_token_id=pair.large.generation_config.decoder_start_token_id,
+    )
+    out_dir = Path(args.out)
+    trainer = Seq2SeqTrainer(
+        model=pair.large,
+        args=Seq2SeqTrainingArguments(
+            output_dir=str(out_dir),
+            predict_with_generate=True,
+            generation_config=generation_config,
+            per_device_eval_batch_size=args.batch_size,
+            use_cpu=True,
+            report_to=[],
+        ),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
+
+    start = time.perf_counter()
+    with bild.collect_stats() as calls:
+        output = trainer.predict(dataset)
+    wall_s = time.perf_counter() - start
+
+    predictions = []
+    for row, example, prompt in zip(output.predictions.tolist(), examples, dataset["input_ids"], strict=True):
+        ids = [t for t in row if t >= 0] if pair.is_encoder_decoder else new_tokens(row, prompt, pair.pad_token_id)
+        predictions.append(task.postprocess(tokenizer.decode(ids, skip_special_tokens=True), example))
+    stats = bild.BildStats.concat(calls)
+    metrics = {
+        **task.score(predictions, examples),
+        **{f"bild_{name}": value for name, value in stats.summary().items()},
+        "examples": len(examples),
+        "wall_s": wall_s,
+        "tokens_per_s": stats.total("generated") / wall_s,
+        "settings": {"fallback_threshold": args.fallback, "rollback_threshold": args.rollback,
+                     "max_draft_tokens": args.max_draft_tokens, "batch_size": args.batch_size},
+    }  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for example, prediction in zip(examples, predictions, strict=True):
+            f.write(json.dumps({"id": example.id, "prediction": prediction, "reference": example.reference}) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
