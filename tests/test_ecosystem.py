@@ -121,6 +121,7 @@ def test_training_an_attached_model_saves_only_the_large_model(s2s, eval_set, tm
         )
     finally:
         large.load_state_dict(state)
+        large.eval()  # trainer.train() leaves the shared session model in train mode (dropout on)
         large.generation_config = original_config
 
 

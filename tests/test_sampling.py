@@ -137,6 +137,21 @@ def test_top_k_one_sampling_is_large_greedy(pair, rollback_threshold):
     assert torch.equal(sampled, greedy)
 
 
+def test_top_k_one_sampling_is_large_greedy_encoder_decoder(seq2seq_pair):
+    large, small = seq2seq_pair
+    bild.attach(large, small)
+    try:
+        ids, mask = left_pad(prompts(3))
+        greedy = large.generate(ids, attention_mask=mask, max_new_tokens=10)
+        sampled = large.generate(
+            ids, attention_mask=mask, max_new_tokens=10, generation_mode="bild", do_sample=True, top_k=1,
+            rollback_threshold=0.0, fallback_threshold=0.0,
+        )  # fmt: skip
+        assert torch.equal(sampled, greedy)
+    finally:
+        bild.detach(large)
+
+
 def test_same_seed_same_output(pair):
     large, _ = pair
     ids, mask = left_pad(prompts(4))
