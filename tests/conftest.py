@@ -22,6 +22,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+import bild
+
 VOCAB = 48  # 0 pad, 1 eos, 2 bos, 3.. words
 PAD, EOS, BOS = 0, 1, 2
 FIRST_WORD = 3
@@ -113,6 +115,24 @@ def seq2seq_pair():
     large = train(t5(64, 2, seed=0), translation_batches(CHAIN), steps=150)
     small = train(t5(32, 1, seed=1), translation_batches(SMALL_CHAIN), steps=150)
     return large, small
+
+
+@pytest.fixture(scope="module")
+def pair(causal_pair):
+    """The causal pair with ``bild.attach`` for one test module (test_integration attaches per test)."""
+    large, small = causal_pair
+    bild.attach(large, small)
+    yield large, small
+    bild.detach(large)
+
+
+@pytest.fixture(scope="module")
+def s2s(seq2seq_pair):
+    """The T5 pair with ``bild.attach`` for one test module."""
+    large, small = seq2seq_pair
+    bild.attach(large, small)
+    yield large, small
+    bild.detach(large)
 
 
 @pytest.fixture(scope="session")

@@ -13,18 +13,6 @@ import bild
 INF = math.inf
 
 
-@pytest.fixture(scope="module")
-def pair(causal_pair):
-    large, small = causal_pair
-    return bild.attach(large, small), small
-
-
-@pytest.fixture(scope="module")
-def s2s(seq2seq_pair):
-    large, small = seq2seq_pair
-    return bild.attach(large, small), small
-
-
 def strip(row: torch.Tensor) -> list[int]:
     """A generated row without its trailing padding."""
     ids = row.tolist()

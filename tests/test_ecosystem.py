@@ -24,22 +24,6 @@ import bild
 ROLLBACK_HEAVY = dict(fallback_threshold=0.0, rollback_threshold=0.0, max_draft_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def pair(causal_pair):
-    large, small = causal_pair
-    bild.attach(large, small)
-    yield large, small
-    bild.detach(large)
-
-
-@pytest.fixture(scope="module")
-def s2s(seq2seq_pair):
-    large, small = seq2seq_pair
-    bild.attach(large, small)
-    yield large, small
-    bild.detach(large)
-
-
 def test_text_streamer_prints_the_final_text_once(pair, tokenizer, capsys):
     large, _ = pair
     ids = prompts(1)[0][None]

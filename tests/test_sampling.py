@@ -15,20 +15,11 @@ import pytest
 import torch
 from conftest import PAD, VOCAB, left_pad, prompts
 
-import bild
 from bild import decoding, policies
 
 P_VALUE = 1e-3
 N_ROWS = 4000
 SAMPLING = dict(do_sample=True, temperature=1.5, top_k=6)
-
-
-@pytest.fixture(scope="module")
-def pair(causal_pair):
-    large, small = causal_pair
-    bild.attach(large, small)
-    yield large, small
-    bild.detach(large)
 
 
 @pytest.fixture(scope="module")
@@ -137,19 +128,15 @@ def test_top_k_one_sampling_is_large_greedy(pair, rollback_threshold):
     assert torch.equal(sampled, greedy)
 
 
-def test_top_k_one_sampling_is_large_greedy_encoder_decoder(seq2seq_pair):
-    large, small = seq2seq_pair
-    bild.attach(large, small)
-    try:
-        ids, mask = left_pad(prompts(3))
-        greedy = large.generate(ids, attention_mask=mask, max_new_tokens=10)
-        sampled = large.generate(
-            ids, attention_mask=mask, max_new_tokens=10, generation_mode="bild", do_sample=True, top_k=1,
-            rollback_threshold=0.0, fallback_threshold=0.0,
-        )  # fmt: skip
-        assert torch.equal(sampled, greedy)
-    finally:
-        bild.detach(large)
+def test_top_k_one_sampling_is_large_greedy_encoder_decoder(s2s):
+    large, _ = s2s
+    ids, mask = left_pad(prompts(3))
+    greedy = large.generate(ids, attention_mask=mask, max_new_tokens=10)
+    sampled = large.generate(
+        ids, attention_mask=mask, max_new_tokens=10, generation_mode="bild", do_sample=True, top_k=1,
+        rollback_threshold=0.0, fallback_threshold=0.0,
+    )  # fmt: skip
+    assert torch.equal(sampled, greedy)
 
 
 def test_same_seed_same_output(pair):
