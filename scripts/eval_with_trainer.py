@@ -20,6 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import Dataset
+from transformers import DataCollatorWithPadding, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+import bild
+from bild.bench.loading import ModelPair, load_pair
+from bild.bench.machine import DTYPES, resolve_dtype
+from bild.bench.tasks import get_task
+from bild.config import DEFAULT_FALLBACK_THRESHOLD, DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_ROLLBACK_THRESHOLD
 
 DEFAULT_SMALL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LARGE = "qwen2.5-coder-1.5b-instruct"
@@ -34,12 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=16, help="first N examples (default 16)")
     parser.add_argument("--batch-size", type=int, default=8, help="per_device_eval_batch_size (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--fallback", type=float, default=0.5, help="fallback_threshold (default 0.5)")
-    parser.add_argument("--rollback", type=float, default=2.0, help="rollback_threshold (default 2.0)")
-    parser.add_argument("--max-draft-tokens", type=int, default=10)
+    parser.add_argument("--fallback", type=float, default=DEFAULT_FALLBACK_THRESHOLD,
+                        help=f"fallback_threshold (default {DEFAULT_FALLBACK_THRESHOLD:g})")
+    parser.add_argument("--rollback", type=float, default=DEFAULT_ROLLBACK_THRESHOLD,
+                        help=f"rollback_threshold (default {DEFAULT_ROLLBACK_THRESHOLD:g})")
+    parser.add_argument("--max-draft-tokens", type=int, default=DEFAULT_MAX_DRAFT_TOKENS)  # fmt: skip
     parser.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts, no chat template")
     parser.add_argument("--prefix", default=None, help="replaces the task's instruction (chat) or prefix")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 where the CPU has it")
     parser.add_argument("--out", default="runs/eval-with-trainer", help="output folder")
     return parser.parse_args(argv)
 
@@ -61,47 +71,17 @@ def new_tokens(row: list[int], prompt: list[int], pad_token_id: int) -> list[int
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from datasets import Dataset
-    from transformers import DataCollatorWithPadding, Seq2SeqTrainer, Seq2SeqTrainingArguments
-
-    import bild
-    from bild.bench.runner import load_pair
-    from bild.bench.tasks import get_task
-
     task = get_task(args.task)
     examples = task.load(args.data, args.limit)
-    pair = load_pair(args.large, args.small, torch.device("cpu"), getattr(torch, args.dtype), attach=True)
+    device = torch.device("cpu")
+    pair = load_pair(args.large, args.small, device, resolve_dtype(args.dtype, device), attach=True)
     tokenizer = pair.tokenizer
     texts = [task.prompt(ex, tokenizer, chat=args.chat, prefix=args.prefix) for ex in examples]
     if pair.is_encoder_decoder:
         dataset = Dataset.from_dict(dict(tokenizer(texts, truncation=True)))
     else:
         dataset = Dataset.from_dict(dict(tokenizer(texts, add_special_tokens=not args.chat)))
-
-    generation_config = bild.BildGenerationConfig(
-        fallback_threshold=args.fallback,
-        rollback_threshold=args.rollback,
-        max_draft_tokens=args.max_draft_tokens,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=False,  # instruct checkpoints ship sampling defaults; evaluation decodes greedily
-        eos_token_id=pair.eos_token_ids,
-        pad_token_id=pair.pad_token_id,
-        decoder_start_token_id=pair.large.generation_config.decoder_start_token_id,
-    )
-    out_dir = Path(args.out)
-    trainer = Seq2SeqTrainer(
-        model=pair.large,
-        args=Seq2SeqTrainingArguments(
-            output_dir=str(out_dir),
-            predict_with_generate=True,
-            generation_config=generation_config,
-            per_device_eval_batch_size=args.batch_size,
-            use_cpu=True,
-            report_to=[],
-        ),
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-    )
+    trainer = build_trainer(pair, args)
 
     start = time.perf_counter()
     with bild.collect_stats() as calls:
@@ -122,13 +102,46 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"fallback_threshold": args.fallback, "rollback_threshold": args.rollback,
                      "max_draft_tokens": args.max_draft_tokens, "batch_size": args.batch_size},
     }  # fmt: skip
+    write_outputs(Path(args.out), metrics, examples, predictions)
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def build_trainer(pair: ModelPair, args: argparse.Namespace) -> Seq2SeqTrainer:
+    """A prediction-only `Seq2SeqTrainer` whose generate() calls decode with BiLD."""
+    generation_config = bild.BildGenerationConfig(
+        fallback_threshold=args.fallback,
+        rollback_threshold=args.rollback,
+        max_draft_tokens=args.max_draft_tokens,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,  # instruct checkpoints ship sampling defaults; evaluation decodes greedily
+        eos_token_id=pair.eos_token_ids,
+        pad_token_id=pair.pad_token_id,
+        decoder_start_token_id=pair.large.generation_config.decoder_start_token_id,
+    )
+    training_args = Seq2SeqTrainingArguments(
+        output_dir=args.out,
+        predict_with_generate=True,
+        generation_config=generation_config,
+        per_device_eval_batch_size=args.batch_size,
+        use_cpu=True,
+        report_to=[],
+    )
+    return Seq2SeqTrainer(
+        model=pair.large,
+        args=training_args,
+        data_collator=DataCollatorWithPadding(pair.tokenizer),
+        processing_class=pair.tokenizer,
+    )
+
+
+def write_outputs(out_dir: Path, metrics: dict, examples: list, predictions: list[str]) -> None:
+    """``metrics.json`` and ``predictions.jsonl`` (id, prediction, reference per line) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for example, prediction in zip(examples, predictions, strict=True):
             f.write(json.dumps({"id": example.id, "prediction": prediction, "reference": example.reference}) + "\n")
-    print(json.dumps(metrics, indent=2))
-    return metrics
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ import statistics
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
+
+from bild.bench.machine import DTYPES, resolve_dtype
+from bild.bench.paths import resolve_model
+from bild.compat import cache_kwarg, new_cache
 
 DEFAULT_SMALL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LARGE = "qwen2.5-coder-1.5b-instruct"
@@ -27,15 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--large", default=DEFAULT_LARGE, help="hub id, folder or prepared model name")
     parser.add_argument("--context", type=int, default=128, help="tokens already in the KV cache")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 where the CPU has it")
     parser.add_argument("--device", default="cpu")
     return parser.parse_args(argv)
 
 
 def forward_ms(model, context: int, n_new: int, repeats: int) -> float:
     """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens."""
-    from bild.cache import cache_kwarg, new_cache
-
     device, kwarg = model.device, cache_kwarg(model)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0)).to(device)
@@ -55,11 +58,8 @@ def forward_ms(model, context: int, n_new: int, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM
-
-    from bild.bench.paths import resolve_model
-
-    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     models = {
         name: AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=dtype).to(device).eval()
         for name, path in (("small", args.small), ("large", args.large))
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row[f"{name} ms"] = forward_ms(model, args.context, n_new, args.repeats)
             rows.append(row)
     one_large = rows[0]["large ms"]
-    print(f"context {args.context} tokens, {args.dtype}, {device}, {torch.get_num_threads()} threads")
+    print(f"context {args.context} tokens, {str(dtype).removeprefix('torch.')}, {device}, {torch.get_num_threads()} threads")
     print("| tokens fed | small ms | large ms | small / large(1) | large / large(1) |")
     print("|---:|---:|---:|---:|---:|")
     for row in rows:

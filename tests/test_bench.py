@@ -10,21 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-import bild
 from bild.bench import cli
+from bild.bench.bench_config import load_config, parse_config, parse_float_list
 from bild.bench.metrics import prefix_agreement
 from bild.bench.plot import pareto_front
 from bild.bench.report import json_safe
-from bild.bench.settings import parse_config, parse_float_list
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pair import build_tiny_seq2seq_pair, synthetic_pairs  # noqa: E402
 
-HAS_CORE = hasattr(bild, "attach")
-needs_core = pytest.mark.skipif(not HAS_CORE, reason="bild.attach (the core API) is not there yet")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = {
-    "name", "params", "n_examples", "wall_s", "latency_s", "n_tokens", "tokens_per_s", "speedup", "large_forwards",
+    "name", "params", "n_examples", "wall_s", "s_per_example", "n_tokens", "tokens_per_s", "speedup", "large_forwards",
     "small_forwards", "large_forwards_per_token", "small_forwards_per_token", "quality", "scores",
     "exact_match_large", "prefix_agreement_large",
 }  # fmt: skip
@@ -60,7 +57,6 @@ def write_config(folder: Path, pair, data_file: Path, **overrides) -> Path:
     return path
 
 
-@needs_core
 def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
     config = write_config(tmp_path, tiny_pair, data_file)
     out = tmp_path / "out"
@@ -94,10 +90,10 @@ def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
         summary = methods[label]
         assert summary["large_forwards"] > 0 and summary["small_forwards"] > 0
         # the hooks count exactly the forwards BiLD reports, batch size 1
-        assert summary["large_forwards"] == summary["bild_totals"]["large_forwards"] == summary["rounds"]
-        assert summary["small_forwards"] == summary["bild_totals"]["small_forwards"]
+        assert summary["large_forwards"] == summary["bild"]["large_forwards"]
+        assert summary["small_forwards"] == summary["bild"]["small_forwards"]
         for rate in ("fallback_rate", "rollback_rate", "acceptance_rate"):
-            assert 0.0 <= summary[rate] <= 1.0
+            assert 0.0 <= summary["bild"][rate] <= 1.0
     # oracles: rollback 0 is the large model's greedy output; never falling back nor rolling back is the small's
     assert methods["bild-lossless"]["exact_match_large"] == 1.0
     assert methods["assisted(n=4)"]["exact_match_large"] == 1.0
@@ -113,7 +109,6 @@ def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
     assert "| method | bleu |" in report and "bild-as-small" in report and "Columns:" in report
 
 
-@needs_core
 def test_stop_strings_end_every_method(tiny_pair, data_file, tmp_path):
     """A stop string ends large, assisted and BiLD alike; batched rows that stop early lose their padding."""
     methods = ["large", {"name": "assisted", "num_assistant_tokens": 4},
@@ -130,7 +125,6 @@ def test_stop_strings_end_every_method(tiny_pair, data_file, tmp_path):
         assert outputs["large"]["n_tokens"] < 16 and texts["large"].strip().count(" ") <= 1, texts
 
 
-@needs_core
 def test_sweep_writes_pareto_png(tiny_pair, data_file, tmp_path, capsys):
     config = write_config(tmp_path, tiny_pair, data_file, batch_size=2)
     out = tmp_path / "sweep"
@@ -149,7 +143,6 @@ def test_sweep_writes_pareto_png(tiny_pair, data_file, tmp_path, capsys):
     assert "pareto.png" in capsys.readouterr().out
 
 
-@needs_core
 @pytest.mark.slow
 def test_bench_encoder_decoder_pair(tmp_path_factory, data_file, tmp_path):
     pair = build_tiny_seq2seq_pair(tmp_path_factory.mktemp("tiny-t5"), steps=100)
@@ -160,12 +153,9 @@ def test_bench_encoder_decoder_pair(tmp_path_factory, data_file, tmp_path):
     assert results["examples"][0]["prompt"].startswith("translate German to English: ")
     bild_summary = results["methods"]["bild(0.6, 0, 10)"]
     assert bild_summary["exact_match_large"] == 1.0
-    assert (
-        bild_summary["large_forwards"] == bild_summary["bild_totals"]["large_forwards"]
-    )  # encoder runs not counted
+    assert bild_summary["large_forwards"] == bild_summary["bild"]["large_forwards"]  # encoder runs not counted
 
 
-@needs_core
 def test_generate_prints_output_and_stats(tiny_pair, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Translate to English: Der Hund schläft.\n\n", encoding="utf-8")
@@ -214,9 +204,9 @@ BASE = {"task": "translation", "small": "s", "large": "l"}
         ({"methods": []}, "`methods` must be a non-empty list"),
         ({"methods": ["beam"]}, "unknown method 'beam' in `methods`; allowed names: ['large', 'small', 'assisted', 'bild']"),
         ({"methods": [{"name": "bild", "fallback": 0.5}]}, "unknown key(s) ['fallback'] for method 'bild'"),
-        ({"methods": [{"name": "bild", "fallback_threshold": 1.5}]}, "`fallback_threshold` must be a number in [0, 1]"),
-        ({"methods": [{"name": "bild", "rollback_threshold": -1}]}, "`rollback_threshold` must be a number >= 0"),
-        ({"methods": [{"name": "bild", "max_draft_tokens": 0}]}, "`max_draft_tokens` must be a positive integer"),
+        ({"methods": [{"name": "bild", "fallback_threshold": 1.5}]}, "bild method: `fallback_threshold` must be a probability in [0, 1]"),
+        ({"methods": [{"name": "bild", "rollback_threshold": -1}]}, "bild method: `rollback_threshold` must be >= 0"),
+        ({"methods": [{"name": "bild", "max_draft_tokens": 0}]}, "bild method: `max_draft_tokens` must be an integer >= 1"),
         ({"methods": [{"name": "assisted", "num_assistant_tokens_schedule": "fast"}]}, "`num_assistant_tokens_schedule` must be one of"),
         ({"methods": ["large", "large"]}, "methods ['large'] appear twice"),
         ({"stop_strings": ["", "x"]}, "`stop_strings` must be a list of non-empty strings"),
@@ -257,7 +247,6 @@ def test_bad_config_file_is_reported_by_the_cli(tmp_path, capsys):
 
 
 def test_shipped_configs_are_valid():
-    from bild.bench.settings import load_config
 
     paths = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert len(paths) >= 7

@@ -1,4 +1,4 @@
-"""`BildCache`: both models' KV caches in one object; the only code that touches transformers `Cache` objects.
+"""`BildCache`: both models' KV caches in one object, with the sequence index each cache slot holds.
 
 Rows of a batch advance by different amounts each round. Every cache slot therefore carries the sequence
 index of the token it holds, or -1 for a slot to ignore (left padding, a rejected draft, a row that sat
@@ -8,24 +8,12 @@ a rolled-back draft in one row never disturbs another row, and a batch of one ne
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers import PreTrainedModel
 
-
-def new_cache(model: PreTrainedModel) -> Cache:
-    """An empty dynamic cache for ``model`` (full-length layers, so cropping is exact)."""
-    if model.config.is_encoder_decoder:
-        return EncoderDecoderCache(DynamicCache(), DynamicCache())
-    return DynamicCache()
-
-
-def cache_kwarg(model: PreTrainedModel) -> str:
-    """The forward() argument that takes the cache: ``cache`` from transformers 5.2x, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+from .compat import cache_kwarg, crop_cache, new_cache
 
 
 class TrackedCache:
@@ -35,9 +23,7 @@ class TrackedCache:
         self.kv = new_cache(model)
         self.kwarg = cache_kwarg(model)
         self.slot_index = torch.empty(batch_size, 0, dtype=torch.long, device=device)  # [B, S]
-        self.n_seen = torch.zeros(
-            batch_size, dtype=torch.long, device=device
-        )  # model has read seq[:, :n_seen]
+        self.n_seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # read seq[:, :n_seen]
 
     @property
     def length(self) -> int:
@@ -60,7 +46,7 @@ class TrackedCache:
         used = (self.slot_index >= 0).any(dim=0).nonzero()
         new_length = int(used[-1]) + 1 if len(used) else 0
         if new_length < self.length:
-            self.kv.crop(new_length - self.length)  # crop() takes the (negative) number of slots to remove
+            crop_cache(self.kv, self.length - new_length)
             self.slot_index = self.slot_index[:, :new_length]
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from transformers import GenerationConfig
 
 BILD_MODE = "bild"
@@ -31,6 +33,10 @@ class BildSettings:
 
     def __post_init__(self):
         validate_settings(self.fallback_threshold, self.rollback_threshold, self.max_draft_tokens)
+        # plain Python numbers (not numpy scalars), so configs and reports serialize cleanly
+        object.__setattr__(self, "fallback_threshold", float(self.fallback_threshold))
+        object.__setattr__(self, "rollback_threshold", float(self.rollback_threshold))
+        object.__setattr__(self, "max_draft_tokens", int(self.max_draft_tokens))
 
     @classmethod
     def from_config(cls, generation_config: GenerationConfig | None, **overrides: Any) -> BildSettings:
@@ -50,25 +56,31 @@ class BildSettings:
 
 def validate_settings(fallback_threshold: Any, rollback_threshold: Any, max_draft_tokens: Any) -> None:
     """Raise a ValueError that says what to change when a BiLD setting is out of range."""
-    if not _is_real(fallback_threshold) or not 0.0 <= float(fallback_threshold) <= 1.0:
+    if not is_real(fallback_threshold) or not 0.0 <= float(fallback_threshold) <= 1.0:
         raise ValueError(
             f"`fallback_threshold` must be a probability in [0, 1], got {fallback_threshold!r}. "
             "Higher values hand over to the large model more often (1.0: every token)."
         )
-    if not _is_real(rollback_threshold) or math.isnan(rollback_threshold) or float(rollback_threshold) < 0.0:
+    if not is_real(rollback_threshold) or math.isnan(rollback_threshold) or float(rollback_threshold) < 0.0:
         raise ValueError(
             f"`rollback_threshold` must be >= 0 (float('inf') allowed), got {rollback_threshold!r}. "
             "0 makes BiLD lossless (output equals the large model's greedy output); inf never rolls back."
         )
-    if isinstance(max_draft_tokens, bool) or not isinstance(max_draft_tokens, int) or max_draft_tokens < 1:
+    if not is_integer(max_draft_tokens) or max_draft_tokens < 1:
         raise ValueError(
             f"`max_draft_tokens` must be an integer >= 1, got {max_draft_tokens!r}: it is the most tokens the "
             "small model drafts before the large model is called anyway."
         )
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_integer(value: Any) -> bool:
+    """An integer (numpy integers included), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """A real number (int or float, numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 class BildGenerationConfig(GenerationConfig):

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
 from .cache import BildCache, TrackedCache
+from .compat import takes_forward_arg
 from .config import BildSettings
 from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
 from .stats import BildStats
 
 # B: batch rows, T: sequence length, L: chunk fed in one forward, K: most drafts in a round, V: vocabulary.
 
+MIN_CAPACITY = 64  # token slots per row allocated up front; the buffer doubles when it fills
+
 
 @dataclass
-class Rules:
-    """What constrains every token, shared by both models."""
+class TokenRules:
+    """What constrains every token, whichever model proposes it."""
 
     logits_processor: LogitsProcessorList
     stopping_criteria: StoppingCriteriaList
@@ -26,32 +28,95 @@ class Rules:
     pad_token_id: int
     eos_token_ids: torch.Tensor | None  # [n_eos]
     vocab_size: int  # shared by both models; logits beyond it are ignored
-    do_sample: bool = False  # draw tokens from the processed distributions instead of taking the argmax
-    generator: torch.Generator | None = None  # randomness for sampling (None: torch's global generator)
-    streamer: object | None = None
+
+    def is_eos(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.eos_token_ids is None:
+            return torch.zeros_like(token_ids, dtype=torch.bool)
+        return torch.isin(token_ids, self.eos_token_ids)
 
 
 @dataclass
-class Rows:
-    """The token sequences of a batch: left-padded prompt, then accepted tokens and this round's drafts."""
+class Sampling:
+    """How tokens are picked from processed distributions: argmax, or drawn from ``generator``."""
 
-    seq: torch.Tensor  # [B, max_length]
+    do_sample: bool = False
+    generator: torch.Generator | None = None  # None: torch's global generator, like stock sampling
+
+
+@dataclass
+class BatchState:
+    """Where each row stands: its tokens (left-padded prompt, accepted tokens, this round's drafts) and counts."""
+
+    token_ids: torch.Tensor  # [B, capacity]; capacity grows on demand, never past max_length
     lengths: torch.Tensor  # [B] tokens in use per row (prompt padding included)
     n_pads: torch.Tensor  # [B] left-padding tokens of each prompt
     finished: torch.Tensor  # [B] bool
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # BildStats fields as [B] counters
+    stats: BildStats  # [B] long tensors, counted as the loop goes
+    max_length: int
 
-    def count(self, name: str, increment: torch.Tensor) -> None:
-        self.stats[name] = self.stats.get(name, torch.zeros_like(self.lengths)) + increment.long()
+    @classmethod
+    def from_prompts(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_length: int, pad_id: int):
+        batch_size, prompt_length = input_ids.shape
+        device = input_ids.device
+        capacity = min(max_length, prompt_length + MIN_CAPACITY)
+        token_ids = torch.full((batch_size, capacity), pad_id, dtype=torch.long, device=device)
+        token_ids[:, :prompt_length] = input_ids
+        n_pads = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if attention_mask is not None:
+            n_pads = (attention_mask == 0).sum(dim=1)
+        return cls(
+            token_ids=token_ids,
+            lengths=torch.full((batch_size,), prompt_length, dtype=torch.long, device=device),
+            n_pads=n_pads,
+            finished=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            stats=BildStats.zeros(batch_size, device),
+            max_length=max_length,
+        )
 
     def write(self, rows: torch.Tensor, index: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """seq[b, index[b]] = token_ids[b] for the rows where ``rows[b]``."""
+        """token_ids[b, index[b]] = token_ids[b] for the rows where ``rows[b]``; grows the buffer if needed."""
         b = rows.nonzero().squeeze(-1)
-        self.seq[b, index[b]] = token_ids[b]
+        if len(b) == 0:
+            return
+        self._reserve(int(index[b].max()) + 1)
+        self.token_ids[b, index[b]] = token_ids[b]
 
     def tokens_at(self, index: torch.Tensor) -> torch.Tensor:
-        """seq[b, index[b, i]], `(batch_size, n)`; indices past the end are clamped."""
-        return self.seq.gather(1, index.clamp(max=self.seq.shape[1] - 1))
+        """token_ids[b, index[b, i]], `(batch_size, n)`; indices past the buffer are clamped."""
+        return self.token_ids.gather(1, index.clamp(max=self.token_ids.shape[1] - 1))
+
+    def _reserve(self, n_slots: int) -> None:
+        capacity = self.token_ids.shape[1]
+        if n_slots <= capacity:
+            return
+        new_capacity = min(self.max_length, max(n_slots, 2 * capacity))
+        grown = self.token_ids.new_full((self.token_ids.shape[0], new_capacity - capacity), 0)
+        self.token_ids = torch.cat([self.token_ids, grown], dim=1)
+
+
+@dataclass
+class DecoderInputs:
+    """What generate() prepared for one batch.
+
+    input_ids: `(batch_size, prompt_length)` left-padded prompts (decoder-only) or decoder start ids.
+    attention_mask: `(batch_size, prompt_length)` mask of ``input_ids`` (None: no padding).
+    large_encoder_kwargs / small_encoder_kwargs: ``encoder_outputs`` and the encoder ``attention_mask`` of
+        each model (encoder-decoder models only).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    large_encoder_kwargs: dict | None = None
+    small_encoder_kwargs: dict | None = None
+
+    def row(self, b: int) -> DecoderInputs:
+        """Row ``b`` alone, as a batch of one."""
+        return DecoderInputs(
+            self.input_ids[b : b + 1],
+            None if self.attention_mask is None else self.attention_mask[b : b + 1],
+            _select_row(self.large_encoder_kwargs, b),
+            _select_row(self.small_encoder_kwargs, b),
+        )
 
 
 class Decoder:
@@ -64,18 +129,17 @@ class Decoder:
         self.cache = cache
         self.vocab_size = vocab_size
         self.encoder_kwargs = encoder_kwargs or {}
-        params = inspect.signature(model.forward).parameters
         self.is_encoder_decoder = model.config.is_encoder_decoder
-        self.takes_position_ids = _takes_position_ids(model)
-        self.takes_logits_to_keep = "logits_to_keep" in params
+        self.takes_position_ids = takes_forward_arg(model, "position_ids")
+        self.takes_logits_to_keep = takes_forward_arg(model, "logits_to_keep")
 
     def forward(
-        self, rows: Rows, feed: torch.Tensor, first_target: torch.Tensor, n_targets: int
+        self, state: BatchState, is_advancing: torch.Tensor, first_target: torch.Tensor, n_targets: int
     ) -> torch.Tensor:
-        """Read every token of the ``feed`` rows the model has not seen yet; return next-token logits.
+        """Read every token of the ``is_advancing`` rows the model has not seen yet; return next-token logits.
 
         Args:
-            feed: `(batch_size,)` bool, rows to advance; the others sit this forward out.
+            is_advancing: `(batch_size,)` bool, rows to advance; the others sit this forward out.
             first_target: `(batch_size,)` the first sequence index to predict.
             n_targets: number of consecutive indices to predict from ``first_target``.
         Returns:
@@ -84,48 +148,49 @@ class Decoder:
         """
         cache = self.cache
         start = cache.n_seen  # [B]
-        n_feed = torch.where(feed, rows.lengths - start, 0)  # [B]
+        n_feed = torch.where(is_advancing, state.lengths - start, 0)  # [B]
         chunk_len = int(n_feed.max())
         offsets = torch.arange(chunk_len, device=start.device)  # [L]
         index = start[:, None] + offsets  # [B, L] sequence index of each chunk position
         is_fed = offsets < n_feed[:, None]  # [B, L]
-        input_ids = rows.tokens_at(index).masked_fill(~is_fed, 0)  # [B, L]
-        slot_index = torch.where(is_fed & (index >= rows.n_pads[:, None]), index, -1)  # [B, L]
+        input_ids = state.tokens_at(index).masked_fill(~is_fed, 0)  # [B, L]
+        slot_index = torch.where(is_fed & (index >= state.n_pads[:, None]), index, -1)  # [B, L]
 
         # offsets (in the chunk) of the tokens whose outputs predict first_target, first_target + 1, ...
         target_offsets = (first_target - 1 - start)[:, None] + torch.arange(n_targets, device=start.device)
-        n_keep = chunk_len - int(target_offsets[feed, 0].min())  # logits needed from the end of the chunk
+        n_keep = chunk_len - int(target_offsets[is_advancing, 0].min())  # logits needed from the chunk's end
 
         kwargs = {cache.kwarg: cache.kv, "use_cache": True, **self.encoder_kwargs}
-        mask = cache.attention_mask(slot_index)
-        if self.is_encoder_decoder:
-            assert mask is None, "encoder-decoder rows are decoded one at a time, so they never have gaps"
-            kwargs["decoder_input_ids"] = input_ids
-        else:
-            kwargs.update(input_ids=input_ids, attention_mask=mask)
-            if self.takes_position_ids:  # those that don't are only ever given batches of one, without gaps
-                kwargs["position_ids"] = (index - rows.n_pads[:, None]).clamp(min=0)
+        kwargs.update(self._input_kwargs(input_ids, cache.attention_mask(slot_index), index - state.n_pads[:, None]))
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n_keep
         logits = self.model(**kwargs).logits  # [B, L or n_keep, V_model]
-        cache.append(slot_index, torch.where(feed, rows.lengths, start))
+        cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
 
-        local = (target_offsets - (chunk_len - logits.shape[1])).clamp(
-            0, logits.shape[1] - 1
-        )  # [B, n_targets]
+        columns = (target_offsets - (chunk_len - logits.shape[1])).clamp(0, logits.shape[1] - 1)  # [B, n_targets]
         batch = torch.arange(logits.shape[0], device=logits.device)[:, None]
-        return logits[batch, local, : self.vocab_size].float()
+        return logits[batch, columns, : self.vocab_size].float()
+
+    def _input_kwargs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> dict:
+        if self.is_encoder_decoder:
+            if mask is not None:
+                raise RuntimeError("bild internal error: encoder-decoder rows must be decoded without cache gaps.")
+            return {"decoder_input_ids": input_ids}
+        kwargs = {"input_ids": input_ids, "attention_mask": mask}
+        if self.takes_position_ids:  # those that don't are only ever given batches of one, without gaps
+            kwargs["position_ids"] = positions.clamp(min=0)
+        return kwargs
 
 
-def process(
-    rules: Rules, rows: Rows, logits: torch.Tensor, target_index: torch.Tensor, is_real: torch.Tensor
-):
+def apply_processors(
+    rules: TokenRules, state: BatchState, logits: torch.Tensor, target_index: torch.Tensor, is_real: torch.Tensor
+) -> torch.Tensor:
     """Apply the logits processors to each real column of `(batch_size, n, vocab_size)` logits.
 
     Column ``i`` of row ``b`` predicts index ``target_index[b, i]`` and is processed with prefix
-    ``seq[b, :target_index[b, i]]``, exactly as stock generate() would at that step. Processors may keep
-    per-row state (e.g. each prompt's padding), so they always see the whole batch: one call per distinct
-    prefix length, whose outputs are kept for the rows at that length.
+    ``token_ids[b, :target_index[b, i]]``, exactly as stock generate() would at that step. Processors may
+    keep per-row state (e.g. each prompt's padding), so they always see the whole batch: one call per
+    distinct prefix length, whose outputs are kept for the rows at that length.
     """
     if not rules.logits_processor:
         return logits
@@ -135,51 +200,45 @@ def process(
         is_at = is_real & (target_index == length)  # [B, n], at most one column per row
         has_column = is_at.any(dim=1)
         column = is_at.int().argmax(dim=1)  # [B]
-        processed = rules.logits_processor(rows.seq[:, :length], logits[batch, column].clone())  # [B, V]
+        processed = rules.logits_processor(state.token_ids[:, :length], logits[batch, column].clone())  # [B, V]
         scores[batch[has_column], column[has_column]] = processed[has_column]
     return scores
 
 
-def is_eos(rules: Rules, token_ids: torch.Tensor) -> torch.Tensor:
-    if rules.eos_token_ids is None:
-        return torch.zeros_like(token_ids, dtype=torch.bool)
-    return torch.isin(token_ids, rules.eos_token_ids)
-
-
 def draft(
-    small: Decoder, rows: Rows, rules: Rules, settings: BildSettings
+    small: Decoder, state: BatchState, rules: TokenRules, sampling: Sampling, settings: BildSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Step 1: the small model drafts until it is unsure, drafts N tokens, or reaches EOS or the length limit.
 
-    Drafts are written into ``rows.seq`` (tentatively) and ``rows.lengths`` grows with them.
+    Drafts are written into ``state.token_ids`` (tentatively) and ``state.lengths`` grows with them.
     Returns `(batch_size,)` counts of drafts, `(batch_size,)` bool, whether the row fell back, and, when
     sampling, `(batch_size, K, vocab_size)` the distributions draft ``i`` was drawn from (else None).
     """
-    start = rows.lengths.clone()
-    is_drafting = ~rows.finished & (rows.lengths < rules.max_length)
+    start = state.lengths.clone()
+    is_drafting = ~state.finished & (state.lengths < rules.max_length)
     fell_back = torch.zeros_like(is_drafting)
     draft_probs = []
     for _ in range(settings.max_draft_tokens):
         if not bool(is_drafting.any()):
             break
-        logits = small.forward(rows, is_drafting, first_target=rows.lengths, n_targets=1)  # [B, 1, V]
-        rows.count("small_forwards", is_drafting)
-        scores = process(rules, rows, logits, rows.lengths[:, None], is_drafting[:, None])[:, 0]  # [B, V]
+        logits = small.forward(state, is_drafting, first_target=state.lengths, n_targets=1)  # [B, 1, V]
+        state.stats.small_forwards += is_drafting
+        scores = apply_processors(rules, state, logits, state.lengths[:, None], is_drafting[:, None])[:, 0]  # [B, V]
         probs = scores.softmax(dim=-1)
         is_unsure = is_drafting & should_fall_back(probs, settings.fallback_threshold)
         fell_back |= is_unsure
         is_taken = is_drafting & ~is_unsure
-        if rules.do_sample:
+        if sampling.do_sample:
             draft_probs.append(probs)
-            token_ids = torch.zeros_like(rows.lengths)
-            token_ids[is_taken] = sample(probs[is_taken], rules.generator)
+            token_ids = torch.zeros_like(state.lengths)
+            token_ids[is_taken] = sample(probs[is_taken], sampling.generator)
         else:
             token_ids = probs.argmax(dim=-1)  # [B]
-        rows.write(is_taken, rows.lengths, token_ids)
-        rows.lengths += is_taken
-        is_drafting = is_taken & ~is_eos(rules, token_ids) & (rows.lengths < rules.max_length)
-    n_drafted = rows.lengths - start
-    if not rules.do_sample:
+        state.write(is_taken, state.lengths, token_ids)
+        state.lengths += is_taken
+        is_drafting = is_taken & ~rules.is_eos(token_ids) & (state.lengths < rules.max_length)
+    n_drafted = state.lengths - start
+    if not sampling.do_sample:
         return n_drafted, fell_back, None
     # row b's draft i was drawn at step i: drafting only ever stops, so step i never skips a drafting row
     draft_probs = draft_probs[: int(n_drafted.max())]
@@ -189,7 +248,7 @@ def draft(
 
 
 def verify(
-    large: Decoder, rows: Rows, rules: Rules, start: torch.Tensor, n_drafted: torch.Tensor
+    large: Decoder, state: BatchState, rules: TokenRules, start: torch.Tensor, n_drafted: torch.Tensor
 ) -> torch.Tensor:
     """Step 2: one large-model forward over every unseen token, drafts included.
 
@@ -197,97 +256,106 @@ def verify(
     distribution for sequence index ``start + i`` (column ``n_drafted`` follows the last draft).
     """
     n_columns = int(n_drafted.max()) + 1
-    is_verifying = ~rows.finished
-    logits = large.forward(rows, is_verifying, first_target=start, n_targets=n_columns)  # [B, K+1, V]
-    rows.count("large_forwards", is_verifying)
+    is_verifying = ~state.finished
+    logits = large.forward(state, is_verifying, first_target=start, n_targets=n_columns)  # [B, K+1, V]
+    state.stats.large_forwards += is_verifying
     columns = torch.arange(n_columns, device=start.device)
     target_index = start[:, None] + columns  # [B, K+1]
     is_real = is_verifying[:, None] & (columns <= n_drafted[:, None])
-    return process(rules, rows, logits, target_index, is_real)
+    return apply_processors(rules, state, logits, target_index, is_real)
+
+
+def find_rollback_point(
+    state: BatchState,
+    start: torch.Tensor,
+    n_drafted: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_scores: torch.Tensor,
+    sampling: Sampling,
+    settings: BildSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3: drafts kept per row, whether a draft was rolled back, and the large model's next token.
+
+    Returns three `(batch_size,)` tensors: ``n_accepted``, ``is_rollback``, ``next_ids``.
+    """
+    draft_ids = state.tokens_at(start[:, None] + torch.arange(target_scores.shape[1] - 1, device=start.device))
+    if sampling.do_sample:  # draft_ids: [B, K]
+        return find_rollback_sampled(
+            draft_ids, n_drafted, draft_probs, target_scores.softmax(dim=-1), settings.rollback_threshold,
+            sampling.generator,
+        )  # fmt: skip
+    target_ids = target_scores.argmax(dim=-1)  # [B, K+1]
+    n_accepted, is_rollback = find_rollback(
+        draft_ids, n_drafted, target_scores.log_softmax(dim=-1), target_ids, settings.rollback_threshold
+    )
+    return n_accepted, is_rollback, target_ids.gather(1, n_accepted[:, None]).squeeze(1)
 
 
 def accept(
-    rows: Rows,
-    caches: BildCache,
-    rules: Rules,
-    start: torch.Tensor,
-    n_accepted: torch.Tensor,
+    state: BatchState, caches: BildCache, rules: TokenRules, start: torch.Tensor, n_accepted: torch.Tensor,
     next_ids: torch.Tensor,
-) -> None:
+) -> None:  # fmt: skip
     """Step 4: keep the accepted drafts, append the large model's token, roll both caches back to match."""
-    is_active = ~rows.finished
-    n_kept = torch.where(is_active, start + n_accepted, rows.lengths)  # [B]
+    is_active = ~state.finished
+    n_kept = torch.where(is_active, start + n_accepted, state.lengths)  # [B]
     has_room = is_active & (n_kept < rules.max_length)
-    rows.write(has_room, n_kept, next_ids)
-    rows.lengths = n_kept + has_room.long()
+    state.write(has_room, n_kept, next_ids)
+    state.lengths = n_kept + has_room.long()
     caches.discard_from(n_kept)
 
 
-def stop_rows(rows: Rows, rules: Rules, start: torch.Tensor, scores: torch.Tensor) -> None:
+def stop_rows(state: BatchState, rules: TokenRules, start: torch.Tensor, scores: torch.Tensor) -> None:
     """Step 5: run the stopping criteria after every new token; a row ends at the first token that stops it.
 
-    Like `process`, criteria see the whole batch, once per distinct sequence length.
+    Like `apply_processors`, criteria see the whole batch, once per distinct sequence length.
     """
-    is_checking = ~rows.finished
+    is_checking = ~state.finished
     batch = torch.arange(len(start), device=start.device)
-    for length in range(int(start[is_checking].min()) + 1, int(rows.lengths[is_checking].max()) + 1):
-        is_at = is_checking & (start < length) & (length <= rows.lengths)  # rows with a new token at length-1
+    for length in range(int(start[is_checking].min()) + 1, int(state.lengths[is_checking].max()) + 1):
+        is_at = is_checking & (start < length) & (length <= state.lengths)  # rows with a new token at length-1
         if not bool(is_at.any()):
             continue
         column = (length - 1 - start).clamp(0, scores.shape[1] - 1)
-        is_stopped = is_at & rules.stopping_criteria(rows.seq[:, :length], scores[batch, column])
-        rows.lengths = torch.where(is_stopped, length, rows.lengths)
-        rows.finished |= is_stopped
+        is_stopped = is_at & rules.stopping_criteria(state.token_ids[:, :length], scores[batch, column])
+        state.lengths = torch.where(is_stopped, length, state.lengths)
+        state.finished |= is_stopped
         is_checking &= ~is_stopped
-    rows.finished |= rows.lengths >= rules.max_length
+    state.finished |= state.lengths >= rules.max_length
+
+
+def count_round(state: BatchState, is_active, n_drafted, n_accepted, fell_back, is_rollback) -> None:
+    """Step 6: count this round in the per-row stats (forwards are counted where they happen)."""
+    stats = state.stats
+    stats.drafted += n_drafted * is_active
+    stats.accepted += n_accepted * is_active
+    stats.fallbacks += fell_back & is_active
+    stats.rollbacks += is_rollback & is_active
 
 
 def bild_loop(
-    large: Decoder, small: Decoder, caches: BildCache, rows: Rows, rules: Rules, settings: BildSettings
-) -> None:
+    large: Decoder, small: Decoder, caches: BildCache, state: BatchState, rules: TokenRules, sampling: Sampling,
+    settings: BildSettings, streamer=None,
+) -> None:  # fmt: skip
     """Decode until every row stops, one draft -> verify -> rollback -> accept -> stop round at a time."""
-    while not bool(rows.finished.all()):
-        is_active = ~rows.finished
-        start = rows.lengths.clone()  # [B] index of this round's first new token
+    while not bool(state.finished.all()):
+        is_active = ~state.finished
+        start = state.lengths.clone()  # [B] index of this round's first new token
         # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
-        n_drafted, fell_back, draft_probs = draft(small, rows, rules, settings)
+        n_drafted, fell_back, draft_probs = draft(small, state, rules, sampling, settings)
         # 2. The large model reads everything it has not seen, drafts included, in one forward
-        target_scores = verify(large, rows, rules, start, n_drafted)  # [B, K+1, V]
+        target_scores = verify(large, state, rules, start, n_drafted)  # [B, K+1, V]
         # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
-        draft_ids = rows.tokens_at(
-            start[:, None] + torch.arange(target_scores.shape[1] - 1, device=start.device)
-        )  # [B, K]
-        if rules.do_sample:
-            n_accepted, is_rollback, next_ids = find_rollback_sampled(
-                draft_ids,
-                n_drafted,
-                draft_probs,
-                target_scores.softmax(dim=-1),
-                settings.rollback_threshold,
-                rules.generator,
-            )
-        else:
-            target_ids = target_scores.argmax(dim=-1)  # [B, K+1]
-            n_accepted, is_rollback = find_rollback(
-                draft_ids, n_drafted, target_scores.log_softmax(dim=-1), target_ids, settings.rollback_threshold
-            )
-            next_ids = target_ids.gather(1, n_accepted[:, None]).squeeze(1)  # [B]
+        n_accepted, is_rollback, next_ids = find_rollback_point(
+            state, start, n_drafted, draft_probs, target_scores, sampling, settings
+        )
         # 4. Keep the accepted tokens; both caches forget the rest
-        accept(rows, caches, rules, start, n_accepted, next_ids)
+        accept(state, caches, rules, start, n_accepted, next_ids)
         # 5. Stopping criteria (EOS, max length, stop strings, ...) on every new token
-        stop_rows(rows, rules, start, target_scores)
-        n_new = torch.where(is_active, rows.lengths - start, 0)
-        record(rows, is_active, n_drafted, torch.minimum(n_accepted, n_new), fell_back, is_rollback)
-        if rules.streamer is not None and int(n_new[0]) > 0:
-            rules.streamer.put(rows.seq[:1, int(start[0]) : int(rows.lengths[0])].cpu())
-
-
-def record(rows: Rows, is_active, n_drafted, n_accepted, fell_back, is_rollback) -> None:
-    """Step 6: count this round in the per-row stats (``small_forwards``/``large_forwards`` count themselves)."""
-    rows.count("drafted", n_drafted * is_active)
-    rows.count("accepted", n_accepted * is_active)
-    rows.count("fallbacks", fell_back & is_active)
-    rows.count("rollbacks", is_rollback & is_active)
+        stop_rows(state, rules, start, target_scores)
+        n_new = torch.where(is_active, state.lengths - start, 0)
+        count_round(state, is_active, n_drafted, torch.minimum(n_accepted, n_new), fell_back, is_rollback)
+        if streamer is not None and int(n_new[0]) > 0:
+            streamer.put(state.token_ids[:1, int(start[0]) : int(state.lengths[0])].cpu())
 
 
 @dataclass
@@ -300,95 +368,55 @@ class DecodeResult:
 def decode(
     large_model: PreTrainedModel,
     small_model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    rules: Rules,
+    inputs: DecoderInputs,
+    rules: TokenRules,
     settings: BildSettings,
-    attention_mask: torch.Tensor | None = None,
-    large_encoder_kwargs: dict | None = None,
-    small_encoder_kwargs: dict | None = None,
+    sampling: Sampling | None = None,
+    streamer=None,
 ) -> DecodeResult:
-    """BiLD-decode a batch.
-
-    Args:
-        input_ids: `(batch_size, prompt_length)` left-padded prompts (decoder-only) or decoder start ids.
-        attention_mask: `(batch_size, prompt_length)` mask of ``input_ids`` (None: no padding).
-        large_encoder_kwargs / small_encoder_kwargs: ``encoder_outputs`` and encoder ``attention_mask`` of
-            each model, for encoder-decoder models.
-    """
-    batch_size, prompt_length = input_ids.shape
-    if batch_size > 1 and not (_can_batch_rows(large_model) and _can_batch_rows(small_model)):
-        return _decode_rows_alone(
-            large_model,
-            small_model,
-            input_ids,
-            rules,
-            settings,
-            attention_mask,
-            large_encoder_kwargs,
-            small_encoder_kwargs,
-        )
-    device = input_ids.device
-    seq = torch.full((batch_size, rules.max_length), rules.pad_token_id, dtype=torch.long, device=device)
-    seq[:, :prompt_length] = input_ids
-    n_pads = torch.zeros(batch_size, dtype=torch.long, device=device)
-    if attention_mask is not None:
-        n_pads = (attention_mask == 0).sum(dim=1)
-    rows = Rows(
-        seq=seq,
-        lengths=torch.full((batch_size,), prompt_length, dtype=torch.long, device=device),
-        n_pads=n_pads,
-        finished=torch.zeros(batch_size, dtype=torch.bool, device=device),
-    )
-    caches = BildCache(
-        TrackedCache(large_model, batch_size, device), TrackedCache(small_model, batch_size, device)
-    )
-    large = Decoder(large_model, caches.large, rules.vocab_size, large_encoder_kwargs)
-    small = Decoder(small_model, caches.small, rules.vocab_size, small_encoder_kwargs)
-    bild_loop(large, small, caches, rows, rules, settings)
-
-    sequences = rows.seq[:, : int(rows.lengths.max())]
-    is_after_end = torch.arange(sequences.shape[1], device=device) >= rows.lengths[:, None]
-    sequences = sequences.masked_fill(is_after_end, rules.pad_token_id)
-    rows.stats["generated"] = rows.lengths - prompt_length
-    stats = BildStats(
-        **{name: rows.stats.get(name, torch.zeros_like(n_pads)).tolist() for name in BildStats.fields()}
-    )
-    return DecodeResult(sequences, stats, caches)
-
-
-def _takes_position_ids(model: PreTrainedModel) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
-
-
-def _can_batch_rows(model: PreTrainedModel) -> bool:
-    """Rows with gaps need explicit position ids; encoder-decoder decoders take positions from cache slots."""
-    return not model.config.is_encoder_decoder and _takes_position_ids(model)
-
-
-def _decode_rows_alone(
-    large_model, small_model, input_ids, rules, settings, attention_mask, large_enc, small_enc
-):
-    """Decode each row as a batch of one and stack the results, padded like stock generate()."""
+    """BiLD-decode a batch: all rows together where both models allow it, else one row after another."""
+    sampling = sampling or Sampling()
+    if inputs.input_ids.shape[0] == 1 or (can_batch_rows(large_model) and can_batch_rows(small_model)):
+        return decode_batch(large_model, small_model, inputs, rules, settings, sampling, streamer)
     results = [
-        decode(
-            large_model,
-            small_model,
-            input_ids[b : b + 1],
-            rules,
-            settings,
-            None if attention_mask is None else attention_mask[b : b + 1],
-            _select_row(large_enc, b),
-            _select_row(small_enc, b),
-        )
-        for b in range(input_ids.shape[0])
+        decode_batch(large_model, small_model, inputs.row(b), rules, settings, sampling, streamer)
+        for b in range(inputs.input_ids.shape[0])
     ]
     width = max(r.sequences.shape[1] for r in results)
-    sequences = torch.full(
-        (len(results), width), rules.pad_token_id, dtype=torch.long, device=input_ids.device
-    )
+    sequences = inputs.input_ids.new_full((len(results), width), rules.pad_token_id)
     for b, result in enumerate(results):
         sequences[b, : result.sequences.shape[1]] = result.sequences[0]
-    return DecodeResult(sequences, BildStats.concat([r.stats for r in results]), caches=None)
+    return DecodeResult(sequences, BildStats.concat(r.stats for r in results), caches=None)
+
+
+def decode_batch(
+    large_model: PreTrainedModel,
+    small_model: PreTrainedModel,
+    inputs: DecoderInputs,
+    rules: TokenRules,
+    settings: BildSettings,
+    sampling: Sampling,
+    streamer=None,
+) -> DecodeResult:
+    """BiLD-decode the rows of ``inputs`` together."""
+    batch_size, prompt_length = inputs.input_ids.shape
+    device = inputs.input_ids.device
+    state = BatchState.from_prompts(inputs.input_ids, inputs.attention_mask, rules.max_length, rules.pad_token_id)
+    caches = BildCache(TrackedCache(large_model, batch_size, device), TrackedCache(small_model, batch_size, device))
+    large = Decoder(large_model, caches.large, rules.vocab_size, inputs.large_encoder_kwargs)
+    small = Decoder(small_model, caches.small, rules.vocab_size, inputs.small_encoder_kwargs)
+    bild_loop(large, small, caches, state, rules, sampling, settings, streamer)
+
+    sequences = state.token_ids[:, : int(state.lengths.max())]
+    is_after_end = torch.arange(sequences.shape[1], device=device) >= state.lengths[:, None]
+    sequences = sequences.masked_fill(is_after_end, rules.pad_token_id)
+    state.stats.generated = state.lengths - prompt_length
+    return DecodeResult(sequences, state.stats.tolist(), caches)
+
+
+def can_batch_rows(model: PreTrainedModel) -> bool:
+    """Rows with gaps need explicit position ids; encoder-decoder decoders take positions from cache slots."""
+    return not model.config.is_encoder_decoder and takes_forward_arg(model, "position_ids")
 
 
 def _select_row(kwargs: dict | None, b: int) -> dict | None:
@@ -400,8 +428,6 @@ def _select_row(kwargs: dict | None, b: int) -> dict | None:
         if isinstance(value, torch.Tensor):
             value = value[b : b + 1]
         elif hasattr(value, "items"):  # a ModelOutput
-            value = type(value)(
-                **{k: v[b : b + 1] if isinstance(v, torch.Tensor) else v for k, v in value.items()}
-            )
+            value = type(value)(**{k: v[b : b + 1] if isinstance(v, torch.Tensor) else v for k, v in value.items()})
         selected[name] = value
     return selected

@@ -6,8 +6,8 @@ max length) and then calls the callable instead of its own decoding loop; BiLD r
 Relied on, and tested on transformers 5.17 and the newest 5.x (tests/test_integration.py):
 - `custom_generate` callables receive `(model, input_ids, logits_processor, stopping_criteria,
   generation_config, **model_kwargs)`, plus `inputs_tensor` when they name it;
-- they do not receive `streamer` or `tokenizer`, so this module takes both out of the call first;
-- `generation_config._pad_token_tensor` / `_eos_token_tensor` hold the prepared special tokens.
+- they do not receive `streamer` or `tokenizer`, so this module takes both out of the call first.
+Private internals (the prepared special tokens) are read through `bild.compat`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from transformers.generation.utils import GenerationMixin
 from transformers.utils import ModelOutput
 
 from .cache import BildCache
+from .compat import prepared_special_tokens
 from .config import BILD_FIELDS, BILD_MODE, BildSettings
-from .decoding import Rules, decode
+from .decoding import DecoderInputs, Sampling, TokenRules, decode
 from .stats import BildStats, report
 
 MAX_PADDING_ROWS = 128  # vocabularies of one tokenizer may differ by this many padding rows (Qwen2.5: 128)
@@ -82,7 +83,7 @@ class BildGenerationMixin:
                 raise ValueError(f"BiLD builds both models' caches itself: leave `{name}` out of the call.")
         streamer = kwargs.pop("streamer", None)
         generator = _check_generator(kwargs.pop("generator", None), self.device)
-        stopping_criteria = _stop_string_criteria(base_config, tokenizer, kwargs)
+        stopping_criteria, kwargs = _with_stop_strings(base_config, tokenizer, kwargs)
         bild_decoding = functools.partial(
             _bild_decoding, assistant_model=assistant, settings=settings, streamer=streamer, generator=generator
         )
@@ -95,8 +96,15 @@ class BildGenerationMixin:
         )
 
 
-def _stop_string_criteria(base_config: GenerationConfig, tokenizer, kwargs: dict) -> StoppingCriteriaList:
-    """Build the stop-string criterion here: generate() does not hand a custom callable its `tokenizer`."""
+def _with_stop_strings(
+    base_config: GenerationConfig, tokenizer, kwargs: dict
+) -> tuple[StoppingCriteriaList, dict]:
+    """The call's stopping criteria plus a stop-string criterion, and the kwargs without them.
+
+    Built here because generate() does not hand a custom callable its `tokenizer`. The caller's dict is
+    not changed.
+    """
+    kwargs = dict(kwargs)
     stopping_criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
     stop_strings = kwargs.get("stop_strings", getattr(base_config, "stop_strings", None))
     if stop_strings is not None:
@@ -104,7 +112,7 @@ def _stop_string_criteria(base_config: GenerationConfig, tokenizer, kwargs: dict
             raise ValueError("`stop_strings` need the tokenizer: pass generate(..., tokenizer=tokenizer).")
         stopping_criteria.append(StopStringCriteria(tokenizer, stop_strings))
         kwargs["stop_strings"] = None  # already handled; overrides the config without changing it
-    return stopping_criteria
+    return stopping_criteria, kwargs
 
 
 def _bild_decoding(
@@ -123,42 +131,29 @@ def _bild_decoding(
 ):
     """The `custom_generate` callable: generate() has prepared everything; run the BiLD loop."""
     _check_generation_config(generation_config, input_ids.shape[0], streamer)
-    large_encoder_kwargs = small_encoder_kwargs = None
-    attention_mask = model_kwargs.get("attention_mask")
+    inputs = DecoderInputs(input_ids, model_kwargs.get("attention_mask"))
     if model.config.is_encoder_decoder:
-        large_encoder_kwargs = {
+        inputs.large_encoder_kwargs = {
             "encoder_outputs": model_kwargs["encoder_outputs"],
-            "attention_mask": attention_mask,
+            "attention_mask": inputs.attention_mask,
         }
-        small_encoder_kwargs = _run_encoder(assistant_model, inputs_tensor, attention_mask)
-        attention_mask = None  # the decoder prompt (decoder start ids) has no padding
+        inputs.small_encoder_kwargs = _run_encoder(assistant_model, inputs_tensor, inputs.attention_mask)
+        inputs.attention_mask = None  # the decoder prompt (decoder start ids) has no padding
     else:
-        _check_left_padding(attention_mask)
-    eos = generation_config._eos_token_tensor
-    pad = generation_config._pad_token_tensor
-    rules = Rules(
+        _check_left_padding(inputs.attention_mask)
+    eos, pad = prepared_special_tokens(generation_config)
+    rules = TokenRules(
         logits_processor=logits_processor,
         stopping_criteria=stopping_criteria,
         max_length=generation_config.max_length,
         pad_token_id=int(pad) if pad is not None else 0,
         eos_token_ids=None if eos is None else eos.reshape(-1).to(input_ids.device),
         vocab_size=min(vocab_size(model), vocab_size(assistant_model)),
-        do_sample=bool(generation_config.do_sample),
-        generator=generator,
-        streamer=streamer,
     )
+    sampling = Sampling(do_sample=bool(generation_config.do_sample), generator=generator)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    result = decode(
-        model,
-        assistant_model,
-        input_ids,
-        rules,
-        settings,
-        attention_mask,
-        large_encoder_kwargs,
-        small_encoder_kwargs,
-    )
+    result = decode(model, assistant_model, inputs, rules, settings, sampling, streamer)
     if streamer is not None:
         streamer.end()
     report(result.stats)
@@ -263,14 +258,16 @@ def check_pair(
             f"{MAX_PADDING_ROWS} rows of padding apart, so they cannot share a tokenizer. Use a small model trained "
             "with the large model's tokenizer."
         )
-    if (
-        tokenizer is not None
-        and assistant_tokenizer is not None
-        and tokenizer.get_vocab() != assistant_tokenizer.get_vocab()
-    ):
+    if tokenizer is not None and assistant_tokenizer is not None:
+        check_tokenizers(tokenizer, assistant_tokenizer)
+
+
+def check_tokenizers(tokenizer, assistant_tokenizer) -> None:
+    """ValueError when the large and the small model's tokenizers have different vocabularies."""
+    if tokenizer.get_vocab() != assistant_tokenizer.get_vocab():
         raise ValueError(
             f"The large and small tokenizers differ (vocabularies of {len(tokenizer)} and {len(assistant_tokenizer)} "
-            "tokens): BiLD needs one shared tokenizer."
+            "tokens): BiLD needs one shared tokenizer; pick a pair from one model family."
         )
 
 

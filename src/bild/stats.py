@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+
+import torch
 
 
 @dataclass
@@ -14,46 +16,71 @@ class BildStats:
 
     Every generated token is an accepted draft or a large-model token, and each large forward yields
     at most one token: ``accepted[i] <= generated[i] <= accepted[i] + large_forwards[i]``.
+    While a batch decodes, the fields are `(batch_size,)` long tensors (`zeros`, then `tolist`); users
+    get lists of ints.
     """
 
-    generated: list[int] = field(default_factory=list)  # new tokens in the output (EOS included, padding not)
-    small_forwards: list[int] = field(default_factory=list)  # small-model forwards that advanced the row
-    large_forwards: list[int] = field(default_factory=list)  # large-model forwards that advanced the row
-    drafted: list[int] = field(
-        default_factory=list
-    )  # draft tokens proposed (the dropped unconfident one is not)
-    accepted: list[int] = field(default_factory=list)  # drafts kept after verification
-    fallbacks: list[int] = field(default_factory=list)  # rounds ended by low small-model confidence
-    rollbacks: list[int] = field(default_factory=list)  # rounds in which a draft was rolled back
+    generated: Sequence[int] = field(default_factory=list)  # new tokens in the output (EOS included)
+    small_forwards: Sequence[int] = field(default_factory=list)  # small-model forwards that advanced the row
+    large_forwards: Sequence[int] = field(default_factory=list)  # large-model forwards (= rounds) of the row
+    drafted: Sequence[int] = field(default_factory=list)  # drafts proposed (the dropped unconfident one is not)
+    accepted: Sequence[int] = field(default_factory=list)  # drafts kept after verification
+    fallbacks: Sequence[int] = field(default_factory=list)  # rounds ended by low small-model confidence
+    rollbacks: Sequence[int] = field(default_factory=list)  # rounds in which a draft was rolled back
+    undrafted: Sequence[int] = field(default_factory=list)  # rounds in which the small model was not run
 
     @classmethod
-    def concat(cls, parts: list[BildStats]) -> BildStats:
-        """Stack the rows of several stats objects (e.g. rows decoded one by one)."""
-        return cls(**{f.name: [n for part in parts for n in getattr(part, f.name)] for f in fields(cls)})
+    def zeros(cls, batch_size: int, device: torch.device | None = None) -> BildStats:
+        """Tensor counters for a batch being decoded: every field `(batch_size,)` zeros."""
+        return cls(**{name: torch.zeros(batch_size, dtype=torch.long, device=device) for name in cls.names()})
+
+    def tolist(self) -> BildStats:
+        """The same counts as lists of ints."""
+        return type(self)(**{name: [int(n) for n in getattr(self, name)] for name in self.names()})
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def concat(cls, parts: Iterable[BildStats]) -> BildStats:
+        """Stack the rows of several stats objects (e.g. rows decoded one by one, or many calls)."""
+        parts = list(parts)
+        return cls(**{name: [int(n) for part in parts for n in getattr(part, name)] for name in cls.names()})
+
+    def __len__(self) -> int:
+        return len(self.generated)
+
+    def row(self, i: int) -> BildStats:
+        """Row ``i`` alone, as a one-row `BildStats`."""
+        return type(self)(**{name: [int(getattr(self, name)[i])] for name in self.names()})
 
     def total(self, name: str) -> int:
         """Sum of one counter over all rows, e.g. ``stats.total("large_forwards")``."""
-        return sum(getattr(self, name))
+        return int(sum(getattr(self, name)))
 
     def to_dict(self) -> dict[str, list[int]]:
-        return {f.name: list(getattr(self, f.name)) for f in fields(self)}
+        return {name: [int(n) for n in getattr(self, name)] for name in self.names()}
 
-    @classmethod
-    def fields(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    def summary(self) -> dict[str, float | int | None]:
+        """Counts summed over rows and the rates derived from them; a rate is None when its denominator is 0.
 
-    def summary(self) -> dict[str, float]:
-        """Rates over all rows: what a benchmark or an evaluation loop reports."""
-        n_tokens = max(self.total("generated"), 1)
-        n_rounds = max(self.total("large_forwards"), 1)
+        Rounds are large forwards: each round ends with one.
+        """
+        totals = {name: self.total(name) for name in self.names()}
+        n_tokens, n_rounds = totals["generated"], totals["large_forwards"]
         return {
-            "generated_tokens": self.total("generated"),
-            "large_forwards_per_token": self.total("large_forwards") / n_tokens,
-            "small_forwards_per_token": self.total("small_forwards") / n_tokens,
-            "acceptance_rate": self.total("accepted") / max(self.total("drafted"), 1),
-            "fallback_rate": self.total("fallbacks") / n_rounds,
-            "rollback_rate": self.total("rollbacks") / n_rounds,
+            **totals,
+            "large_forwards_per_token": _ratio(n_rounds, n_tokens),
+            "small_forwards_per_token": _ratio(totals["small_forwards"], n_tokens),
+            "acceptance_rate": _ratio(totals["accepted"], totals["drafted"]),
+            "fallback_rate": _ratio(totals["fallbacks"], n_rounds),
+            "rollback_rate": _ratio(totals["rollbacks"], n_rounds),
         }
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
 
 
 _collectors: contextvars.ContextVar[tuple[list[BildStats], ...]] = contextvars.ContextVar(

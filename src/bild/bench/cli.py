@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from bild.bench.settings import DTYPES, BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
+import torch
+from transformers.utils import logging
+
+from bild.bench.bench_config import BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
+from bild.bench.loading import load_pair
+from bild.bench.machine import DEVICES, DTYPES, clock, resolve_device, resolve_dtype
+from bild.bench.methods import greedy_kwargs, new_token_ids
+from bild.bench.plot import plot_pareto
+from bild.bench.report import markdown_table, write_results
+from bild.bench.running import run_bench
+from bild.bench.tasks.base import chat_prompt
+from bild.config import (
+    BILD_FIELDS,
+    DEFAULT_FALLBACK_THRESHOLD,
+    DEFAULT_MAX_DRAFT_TOKENS,
+    DEFAULT_ROLLBACK_THRESHOLD,
+    BildSettings,
+)
 
 DEFAULT_FALLBACKS = "0.3,0.5,0.7,0.9"
 DEFAULT_ROLLBACKS = "1,2,3,5,inf"
@@ -58,9 +76,17 @@ def _add_generate_parser(verbs) -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    gen.add_argument("--fallback-threshold", type=float, help="alpha_FB in [0, 1] (default 0.6)")
-    gen.add_argument("--rollback-threshold", type=_float_or_inf, help="alpha_RB >= 0 or inf (default 2)")
-    gen.add_argument("--max-draft-tokens", type=int, help="most small-model drafts per round (default 10)")
+    gen.add_argument(
+        "--fallback-threshold", type=float, help=f"alpha_FB in [0, 1] (default {DEFAULT_FALLBACK_THRESHOLD:g})"
+    )
+    gen.add_argument(
+        "--rollback-threshold", type=_float_or_inf,
+        help=f"alpha_RB >= 0 or inf (default {DEFAULT_ROLLBACK_THRESHOLD:g})",
+    )  # fmt: skip
+    gen.add_argument(
+        "--max-draft-tokens", type=int,
+        help=f"most small-model drafts per round (default {DEFAULT_MAX_DRAFT_TOKENS})",
+    )  # fmt: skip
     gen.add_argument("--max-new-tokens", type=int, default=64)
     _add_machine_options(gen)
     gen.set_defaults(run=run_generate)
@@ -83,10 +109,13 @@ def _add_run_parser(verbs, verb: str, help_text: str, run) -> argparse.ArgumentP
 
 
 def _add_machine_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
-    parser.add_argument("--device", default="auto" if defaults else None, help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
-        "--dtype", default="auto" if defaults else None, help="float32, bfloat16, float16 or auto"
+        "--device", default="auto" if defaults else None, help=f"{', '.join(DEVICES)} or cuda:N"
     )
+    parser.add_argument(
+        "--dtype", default="auto" if defaults else None,
+        help=f"{', '.join(DTYPES)} (auto: bfloat16 on a GPU or CPU that computes in it, else float32)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -99,8 +128,6 @@ def _float_or_inf(text: str) -> float:
 
 def quiet_transformers() -> None:
     """Keep transformers' per-call warnings (ignored sampling flags etc.) out of the tables."""
-    from transformers.utils import logging
-
     logging.set_verbosity_error()
 
 
@@ -142,9 +169,6 @@ def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: i
 
 
 def _run_and_report(config: BenchConfig, args, out_dir: Path, *, plot: bool) -> int:
-    from bild.bench.report import markdown_table, write_results
-    from bild.bench.runner import run_bench
-
     results = run_bench(config, progress=not args.quiet, config_file=str(args.config))
     paths = write_results(results, out_dir)
     print(markdown_table(results))
@@ -152,22 +176,14 @@ def _run_and_report(config: BenchConfig, args, out_dir: Path, *, plot: bool) -> 
         print(f"Note: {note}")
     written = [paths["json"], paths["md"]]
     if plot:
-        from bild.bench.plot import plot_pareto
-
         written.append(plot_pareto(results, out_dir / "pareto.png"))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
 def run_generate(args) -> int:
-    import torch
-
-    from bild.bench.runner import load_pair, resolve_device, resolve_dtype
-
     prompts = read_prompts(args.prompt, args.prompts_file)
     settings = bild_settings(args)
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -180,7 +196,7 @@ def run_generate(args) -> int:
         )
         print(f"--- prompt {i + 1}: {_shorten(prompt)} ---")
         print(pair.tokenizer.decode(ids, skip_special_tokens=True))
-        counts = ", ".join(f"{name} {value}" for name, value in stats.items())
+        counts = ", ".join(f"{name} {values[0]}" for name, values in stats.to_dict().items())
         print(f"[{len(ids)} tokens in {wall_s:.2f} s ({len(ids) / wall_s:.1f} tok/s); {counts}]")
     return 0
 
@@ -195,26 +211,13 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return prompts
 
 
-def bild_settings(args):
+def bild_settings(args) -> BildSettings:
     """`bild.BildSettings` from the options given; the others keep the core defaults."""
-    import bild
-
-    names = ("fallback_threshold", "rollback_threshold", "max_draft_tokens")
-    return bild.BildSettings(
-        **{name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    )
+    return BildSettings(**{name: getattr(args, name) for name in BILD_FIELDS if getattr(args, name) is not None})
 
 
 def generate_one(pair, prompt: str, settings, *, chat: bool, max_new_tokens: int):
     """BiLD-decode one prompt: (new token ids, stats of the row, wall seconds)."""
-    import dataclasses
-
-    import torch
-
-    from bild.bench.methods import greedy_kwargs, new_token_ids
-    from bild.bench.runner import clock
-    from bild.bench.tasks.base import chat_prompt
-
     device = pair.large.device
     text = chat_prompt(pair.tokenizer, prompt) if chat else prompt
     inputs = dict(
@@ -229,8 +232,7 @@ def generate_one(pair, prompt: str, settings, *, chat: bool, max_new_tokens: int
             **dataclasses.asdict(settings),
         )
         wall_s = clock(device) - start
-    stats = {name: values[0] for name, values in out.bild_stats.to_dict().items()}
-    return new_token_ids(pair, inputs, out.sequences)[0], stats, wall_s
+    return new_token_ids(pair, inputs, out.sequences)[0], out.bild_stats, wall_s
 
 
 def _shorten(text: str, width: int = 60) -> str:

@@ -9,36 +9,9 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 
-from bild.bench.settings import MethodSpec
+from bild.bench.bench_config import MethodSpec
+from bild.bench.loading import Batch, ModelPair
 from bild.stats import BildStats
-
-
-@dataclass
-class ModelPair:
-    """The loaded models and their shared tokenizer; ``eos_token_ids`` ends every method's output."""
-
-    large: torch.nn.Module
-    small: torch.nn.Module
-    tokenizer: object
-    eos_token_ids: list[int]
-    pad_token_id: int
-
-    @property
-    def is_encoder_decoder(self) -> bool:
-        return bool(self.large.config.is_encoder_decoder)
-
-
-@dataclass
-class Batch:
-    """Prompts of one timed call: ``inputs`` holds them padded together, ``rows`` one by one (for assisted)."""
-
-    indices: list[int]  # example indices
-    inputs: dict  # input_ids / attention_mask: [B, T]
-    rows: list[dict]  # per row: input_ids / attention_mask: [1, T_row], unpadded
-
-    def first_row(self) -> Batch:
-        """A batch of this batch's first row alone (for warm-up)."""
-        return Batch(self.indices[:1], dict(self.rows[0]), self.rows[:1])
 
 
 @dataclass

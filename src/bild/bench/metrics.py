@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from bild.bench.settings import BenchConfig
+from bild.bench.bench_config import BenchConfig
+from bild.stats import BildStats
 
 DEFINITIONS = """\
 - tokens: generated tokens up to and including the first EOS, never padding.
+- s/example: wall time over examples; a batch's time is shared by its rows, so at batch sizes > 1
+  this is time per example, not any one example's latency.
 - speedup: wall time of `large` over this method's wall time on the same examples (>1 is faster).
 - L fwd/tok, S fwd/tok: real forward calls of the large / small model (counted with forward hooks on
   their output layers) per generated token; a batched call counts once.
@@ -16,7 +19,6 @@ DEFINITIONS = """\
 - =large: fraction of examples whose output token ids equal `large`'s exactly.
 - prefix=large: mean over examples of (common token prefix with `large`) / (length of the longer output).
 """
-BILD_COUNTERS = ("small_forwards", "large_forwards", "drafted", "accepted", "fallbacks", "rollbacks")
 
 
 def prefix_agreement(ids: list[int], reference_ids: list[int]) -> float:
@@ -49,7 +51,7 @@ def summarize_method(spec, record, examples, task, predictions: list[str], large
         "params": dict(spec.params),
         "n_examples": len(examples),
         "wall_s": wall_s,
-        "latency_s": wall_s / len(examples),
+        "s_per_example": wall_s / len(examples),
         "n_tokens": n_tokens,
         "tokens_per_s": ratio(n_tokens, wall_s),
         "speedup": None,
@@ -68,21 +70,8 @@ def summarize_method(spec, record, examples, task, predictions: list[str], large
         summary["exact_match_large"] = sum(ids == ref for ids, ref in pairs) / len(pairs)
         summary["prefix_agreement_large"] = sum(prefix_agreement(ids, ref) for ids, ref in pairs) / len(pairs)
     if record.bild_stats:
-        summary.update(bild_rates(record.bild_stats))
+        summary["bild"] = BildStats.concat(record.bild_stats[i] for i in indices).summary()
     return summary
-
-
-def bild_rates(stats_rows: dict[int, dict[str, int]]) -> dict:
-    """BiLD counters summed over examples, and the rates derived from them."""
-    totals = {name: sum(row.get(name, 0) for row in stats_rows.values()) for name in BILD_COUNTERS}
-    rounds = totals["large_forwards"]
-    return {
-        "bild_totals": totals,
-        "rounds": rounds,
-        "fallback_rate": ratio(totals["fallbacks"], rounds),
-        "rollback_rate": ratio(totals["rollbacks"], rounds),
-        "acceptance_rate": ratio(totals["accepted"], totals["drafted"]),
-    }
 
 
 def summarize(config: BenchConfig, task, examples, records: dict, predictions: dict[str, list[str]]) -> dict:

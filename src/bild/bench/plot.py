@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 BASELINE_MARKERS = {"large": ("s", "tab:red"), "small": ("v", "tab:green"), "assisted": ("D", "tab:purple")}
 
 
@@ -25,11 +27,6 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
 
 def plot_pareto(results: dict, path: str | Path) -> Path:
     """Write ``path`` (PNG): one point per method; needs a ``large`` method for the speedups."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     task = results["task"]
     labels, points, names = [], [], []
     for label, summary in results["methods"].items():
@@ -41,7 +38,8 @@ def plot_pareto(results: dict, path: str | Path) -> Path:
     if not points:
         raise ValueError("Nothing to plot: the Pareto plot needs a `large` method (for speedups) and scores.")
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig = Figure(figsize=(7, 5), dpi=120)  # no pyplot: no global backend or figure registry touched
+    ax = fig.subplots()
     bild_points = [(p, s) for p, s, n in zip(points, labels, names, strict=True) if n == "bild"]
     if bild_points:
         ax.scatter([p[0] for p, _ in bild_points], [p[1] for p, _ in bild_points], c="tab:blue", label="bild")
@@ -72,7 +70,6 @@ def plot_pareto(results: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

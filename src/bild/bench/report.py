@@ -11,7 +11,7 @@ from bild.bench.metrics import DEFINITIONS
 COLUMNS = (  # (header, summary key, format)
     ("speedup", "speedup", "{:.2f}x"),
     ("tok/s", "tokens_per_s", "{:.2f}"),
-    ("latency s", "latency_s", "{:.2f}"),
+    ("s/example", "s_per_example", "{:.2f}"),
     ("tokens", "n_tokens", "{:d}"),
     ("L fwd/tok", "large_forwards_per_token", "{:.3f}"),
     ("S fwd/tok", "small_forwards_per_token", "{:.3f}"),
@@ -30,7 +30,8 @@ def markdown_table(results: dict) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     for label, summary in results["methods"].items():
         cells = [label, _format(summary.get("quality"), "{:.2f}")]
-        cells += [_format(summary.get(key), fmt) for _, key, fmt in COLUMNS]
+        values = {**(summary.get("bild") or {}), **summary}  # BiLD's own rates, under the bench's counts
+        cells += [_format(values.get(key), fmt) for _, key, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

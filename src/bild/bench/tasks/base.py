@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import datasets
+
 from bild.bench.paths import resolve_data
 
 HF_PREFIX = "hf:"
@@ -107,8 +109,6 @@ def jsonl_rows(path: Path, limit: int | None = None) -> list[dict]:
 
 def hf_rows(spec: str, limit: int | None = None) -> list[dict]:
     """The test split of a Hugging Face dataset ``<id>[:<config>]`` (needs network or a local cache)."""
-    import datasets
-
     dataset_id, _, config = spec.partition(":")
     if not dataset_id:
         raise ValueError("Expected 'hf:<dataset id>[:<config>]', e.g. 'hf:xsum' or 'hf:cnn_dailymail:3.0.0'.")
@@ -122,3 +122,18 @@ def first_field(row: dict, names: tuple[str, ...], what: str) -> Any:
         if name in row:
             return row[name]
     raise ValueError(f"A {what} row needs one of the fields {list(names)}; it has {sorted(row)}.")
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of ``text``, stripped ('' if there is none)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def check_lengths(predictions: list[str], examples: list[Example]) -> None:
+    """ValueError unless there is exactly one prediction per example."""
+    if len(predictions) != len(examples):
+        raise ValueError(
+            f"Got {len(predictions)} predictions for {len(examples)} examples; pass one per example."
+        )
+    if not examples:
+        raise ValueError("Nothing to score: pass at least one example.")

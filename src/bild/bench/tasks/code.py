@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import re
 
-from bild.bench.tasks.base import Example, Task, first_field
+from bild.bench.tasks.base import Example, Task, check_lengths, first_field
 from bild.bench.tasks.execution import DEFAULT_TIMEOUT, check_program, run_all
-from bild.bench.tasks.translation import check_lengths
 
 # HumanEval / Codex paper stop sequences, plus a closing markdown fence that instruct models add.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")

@@ -6,8 +6,7 @@ import re
 
 from rouge_score import rouge_scorer
 
-from bild.bench.tasks.base import Example, Task, first_field
-from bild.bench.tasks.translation import check_lengths, first_line
+from bild.bench.tasks.base import Example, Task, check_lengths, first_field, first_line
 
 _LABEL_RE = re.compile(r"^(headline|title|summary)\s*:\s*", re.IGNORECASE)
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")

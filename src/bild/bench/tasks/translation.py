@@ -6,7 +6,7 @@ import re
 
 import sacrebleu
 
-from bild.bench.tasks.base import Example, Task, first_field
+from bild.bench.tasks.base import Example, Task, check_lengths, first_field, first_line
 
 _LABEL_RE = re.compile(r"^(english|translation)\s*:\s*", re.IGNORECASE)
 
@@ -48,18 +48,3 @@ class TranslationTask(Task):
             "bleu": sacrebleu.corpus_bleu(predictions, references).score,
             "chrf": sacrebleu.corpus_chrf(predictions, references).score,
         }
-
-
-def first_line(text: str) -> str:
-    """The first non-blank line of ``text``, stripped ('' if there is none)."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def check_lengths(predictions: list[str], examples: list[Example]) -> None:
-    """ValueError unless there is exactly one prediction per example."""
-    if len(predictions) != len(examples):
-        raise ValueError(
-            f"Got {len(predictions)} predictions for {len(examples)} examples; pass one per example."
-        )
-    if not examples:
-        raise ValueError("Nothing to score: pass at least one example.")

@@ -1,4 +1,4 @@
-"""The benchmark's YAML config: load, validate with messages that name the bad key, apply overrides."""
+"""The benchmark's YAML config (`BenchConfig`): load, validate with messages that name the bad key, override."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+import yaml
+
+from bild.bench.machine import DEVICES, DTYPES
+from bild.config import BILD_FIELDS, BildSettings, is_real
+
 METHOD_NAMES = ("large", "small", "assisted", "bild")
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 METHOD_KEYS = {
     "large": (),
     "small": (),
     "assisted": ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold"),
-    "bild": ("fallback_threshold", "rollback_threshold", "max_draft_tokens"),
+    "bild": BILD_FIELDS,
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
 
@@ -68,13 +71,14 @@ class BenchConfig:
 
 def load_config(path: str | Path) -> BenchConfig:
     """Read and validate a benchmark YAML file."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Config file {str(path)!r} does not exist; see configs/*.yaml for examples.")
     with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from err
     return parse_config(raw, source=str(path))
 
 
@@ -149,27 +153,12 @@ def parse_method(raw: Any, source: str = "config") -> MethodSpec:
 
 
 def _check_bild(params: dict, source: str) -> dict:
-    from bild.config import (
-        DEFAULT_FALLBACK_THRESHOLD,
-        DEFAULT_MAX_DRAFT_TOKENS,
-        DEFAULT_ROLLBACK_THRESHOLD,
-    )
-
-    fallback = params.get("fallback_threshold", DEFAULT_FALLBACK_THRESHOLD)
-    rollback = parse_float(params.get("rollback_threshold", DEFAULT_ROLLBACK_THRESHOLD))
-    n_drafts = params.get("max_draft_tokens", DEFAULT_MAX_DRAFT_TOKENS)
-    if not _is_number(fallback) or not 0.0 <= fallback <= 1.0:
-        raise ValueError(f"{source}: bild `fallback_threshold` must be a number in [0, 1], got {fallback!r}.")
-    if not _is_number(rollback) or math.isnan(rollback) or rollback < 0:
-        raise ValueError(
-            f"{source}: bild `rollback_threshold` must be a number >= 0 or inf, got {rollback!r}."
-        )
-    n_drafts = _positive_int(source, "max_draft_tokens", n_drafts)
-    return {
-        "fallback_threshold": float(fallback),
-        "rollback_threshold": float(rollback),
-        "max_draft_tokens": n_drafts,
-    }
+    """All BiLD settings, the missing ones at the core defaults, validated by the core's own rules."""
+    values = {name: parse_float(value) if name == "rollback_threshold" else value for name, value in params.items()}
+    try:
+        return dataclasses.asdict(BildSettings(**values))
+    except ValueError as err:
+        raise ValueError(f"{source}: bild method: {err}") from err
 
 
 def _check_assisted(params: dict, source: str) -> dict:
@@ -185,7 +174,7 @@ def _check_assisted(params: dict, source: str) -> dict:
         checked["num_assistant_tokens_schedule"] = params["num_assistant_tokens_schedule"]
     if "assistant_confidence_threshold" in params:
         value = params["assistant_confidence_threshold"]
-        if not _is_number(value) or not 0.0 <= value <= 1.0:
+        if not is_real(value) or not 0.0 <= value <= 1.0:
             raise ValueError(
                 f"{source}: assisted `assistant_confidence_threshold` must be a number in [0, 1] (0 turns it off), "
                 f"got {value!r}."
@@ -226,14 +215,10 @@ def parse_float_list(text: str, what: str) -> list[float]:
     """``"0.3,0.5,inf"`` -> ``[0.3, 0.5, inf]``; ValueError naming ``what`` on a bad item."""
     items = [item.strip() for item in text.split(",") if item.strip()]
     values = [parse_float(item) for item in items]
-    bad = [item for item, value in zip(items, values, strict=True) if not _is_number(value)]
+    bad = [item for item, value in zip(items, values, strict=True) if not is_real(value)]
     if bad or not values:
         raise ValueError(f"{what}: expected comma-separated numbers (inf allowed), got {text!r}.")
     return values
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive_int(source: str, key: str, value: Any) -> int:

@@ -1,0 +1,113 @@
+"""Load a model pair and its tokenizer for the benchmark, and cut prompts into tokenized batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+import bild
+from bild.bench.paths import resolve_model
+from bild.integration import check_tokenizers
+
+PREPARE_HINT = "Offline, `python scripts/prepare_models.py` prepares the default pair under ~/.cache/bild/models."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+@dataclass
+class ModelPair:
+    """The loaded models and their shared tokenizer; ``eos_token_ids`` ends every method's output."""
+
+    large: torch.nn.Module
+    small: torch.nn.Module
+    tokenizer: object
+    eos_token_ids: list[int]
+    pad_token_id: int
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.large.config.is_encoder_decoder)
+
+
+@dataclass
+class Batch:
+    """Prompts of one timed call: ``inputs`` holds them padded together, ``rows`` one by one (for assisted)."""
+
+    indices: list[int]  # example indices
+    inputs: dict  # input_ids / attention_mask: [B, T]
+    rows: list[dict]  # per row: input_ids / attention_mask: [1, T_row], unpadded
+
+    def first_row(self) -> Batch:
+        """A batch of this batch's first row alone (for warm-up)."""
+        return Batch(self.indices[:1], dict(self.rows[0]), self.rows[:1])
+
+
+def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, *, attach: bool) -> ModelPair:
+    """Both models (hub ids or folders, resolved with `resolve_model`) and the large model's tokenizer.
+
+    ``attach``: make the large model understand ``generation_mode="bild"`` with the small one as assistant.
+    """
+    large_path, small_path = resolve_model(large), resolve_model(small)
+    is_encoder_decoder = _load("config of", large_path, AutoConfig.from_pretrained).is_encoder_decoder
+    auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+    models = [
+        _load("model", path, auto_class.from_pretrained, dtype=dtype).to(device).eval()
+        for path in (large_path, small_path)
+    ]
+    tokenizer = _load("tokenizer of", large_path, AutoTokenizer.from_pretrained)
+    small_tokenizer = saved_tokenizer(small_path)
+    if small_tokenizer is not None:
+        check_tokenizers(tokenizer, small_tokenizer)
+    if not is_encoder_decoder:
+        tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = models[0].generation_config.eos_token_id
+    eos_ids = sorted(
+        {*([] if eos is None else [eos] if isinstance(eos, int) else eos), tokenizer.eos_token_id} - {None}
+    )
+    pair = ModelPair(models[0], models[1], tokenizer, eos_ids, tokenizer.pad_token_id)
+    if attach:
+        bild.attach(pair.large, pair.small)
+    return pair
+
+
+def saved_tokenizer(path: str):
+    """The tokenizer saved with a model, or None when its folder has none (e.g. a fine-tuned drafter).
+
+    A folder without tokenizer files is not asked: `AutoTokenizer` may then build an empty tokenizer
+    instead of raising.
+    """
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _load(what: str, path: str, loader, **kwargs):
+    """``loader(path)``, with an error that says where models come from when it fails."""
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as err:
+        where = "folder" if Path(path).is_dir() else "hub id"
+        raise ValueError(f"Could not load the {what} {where} {path!r}: {err}\n{PREPARE_HINT}") from err
+
+
+def make_batches(prompts: list[str], pair: ModelPair, batch_size: int, device: torch.device, *, chat: bool):
+    """Tokenized batches of ``batch_size`` prompts, each also kept row by row without padding."""
+    tokenizer = pair.tokenizer
+    options = dict(return_tensors="pt", add_special_tokens=not chat)  # a chat template has its own specials
+    if pair.is_encoder_decoder and tokenizer.model_max_length < 100_000:
+        options.update(truncation=True, max_length=tokenizer.model_max_length)
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        rows = [dict(tokenizer([prompt], **options).to(device)) for prompt in chunk]
+        inputs = dict(tokenizer(chunk, padding=True, **options).to(device))  # [B, T]
+        batches.append(Batch(list(range(start, start + len(chunk))), inputs, rows))
+    return batches
