@@ -10,15 +10,16 @@ from __future__ import annotations
 import string
 
 import pytest
+import tiny_models
 import torch
+from tiny_models import train
+from tiny_pair import build_tiny_pair
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
     PreTrainedTokenizerFast,
-    Qwen2Config,
     Qwen2ForCausalLM,
-    T5Config,
     T5ForConditionalGeneration,
 )
 
@@ -45,41 +46,12 @@ def sample_chain(chain: torch.Tensor, n: int, length: int, generator: torch.Gene
     return seq
 
 
-def train(model, batch_fn, steps: int, lr: float = 3e-3, seed: int = 0):
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is much faster than two on busy shared cores
-    try:
-        for _ in range(steps):
-            loss = model(**batch_fn(generator)).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(n_threads)
-    return model.eval()
-
-
 def qwen(hidden: int, layers: int, seed: int, vocab: int = VOCAB) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, attn_implementation="eager",
-    )  # fmt: skip
-    return Qwen2ForCausalLM(config)
+    return tiny_models.qwen(vocab, hidden, layers, seed, pad=PAD, eos=EOS, bos=BOS)
 
 
 def t5(d_model: int, layers: int, seed: int) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=VOCAB, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=layers, num_heads=4,
-        decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS, attn_implementation="eager",
-    )  # fmt: skip
-    return T5ForConditionalGeneration(config)
+    return tiny_models.t5(VOCAB, d_model, layers, seed, pad=PAD, eos=EOS)
 
 
 def causal_batches(chain):
@@ -104,31 +76,31 @@ def translation_batches(chain):
 @pytest.fixture(scope="session")
 def causal_pair():
     """(large, small) decoder-only Qwen2 pair, trained on slightly different chains."""
-    large = train(qwen(64, 2, seed=0), causal_batches(CHAIN), steps=120)
-    small = train(qwen(32, 1, seed=1), causal_batches(SMALL_CHAIN), steps=120)
+    large = train(qwen(64, 2, seed=0), causal_batches(CHAIN), steps=120, seed=0)
+    small = train(qwen(32, 1, seed=1), causal_batches(SMALL_CHAIN), steps=120, seed=0)
     return large, small
 
 
 @pytest.fixture(scope="session")
 def seq2seq_pair():
     """(large, small) T5 pair mapping each source token to its chain successor."""
-    large = train(t5(64, 2, seed=0), translation_batches(CHAIN), steps=150)
-    small = train(t5(32, 1, seed=1), translation_batches(SMALL_CHAIN), steps=150)
+    large = train(t5(64, 2, seed=0), translation_batches(CHAIN), steps=150, seed=0)
+    small = train(t5(32, 1, seed=1), translation_batches(SMALL_CHAIN), steps=150, seed=0)
     return large, small
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def pair(causal_pair):
-    """The causal pair with ``bild.attach`` for one test module (test_integration attaches per test)."""
+    """The causal pair with ``bild.attach``, detached again after the test."""
     large, small = causal_pair
     bild.attach(large, small)
     yield large, small
     bild.detach(large)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def s2s(seq2seq_pair):
-    """The T5 pair with ``bild.attach`` for one test module."""
+    """The T5 pair with ``bild.attach``, detached again after the test."""
     large, small = seq2seq_pair
     bild.attach(large, small)
     yield large, small
@@ -155,8 +127,6 @@ def bart_pair():
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     """Folders of a tiny trained Qwen2 pair sharing a BPE tokenizer with a chat template (tests/tiny_pair.py)."""
-    from tiny_pair import build_tiny_pair
-
     return build_tiny_pair(tmp_path_factory.mktemp("tiny-pair"))
 
 

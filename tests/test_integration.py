@@ -18,14 +18,6 @@ SETTINGS = dict(fallback_threshold=0.5, rollback_threshold=1.0, max_draft_tokens
 
 
 @pytest.fixture()
-def pair(causal_pair):
-    large, small = causal_pair
-    bild.attach(large, small)
-    yield large, small
-    bild.detach(large)
-
-
-@pytest.fixture()
 def ids():
     return prompts(1)[0][None]
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import tiny_models
 import torch
+from tiny_models import train
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 CHAT_TEMPLATE = (
@@ -37,10 +42,8 @@ ADVERBS = [
     (" im Garten", " in the garden"),
     (" jeden Tag", " every day"),
 ]
-SMALL_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-LARGE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3)
-SMALL_T5_SHAPE = dict(d_model=32, d_ff=64, num_layers=2)
-LARGE_T5_SHAPE = dict(d_model=64, d_ff=128, num_layers=3)
+SMALL_SHAPE = dict(hidden=32, layers=2)
+LARGE_SHAPE = dict(hidden=64, layers=3)
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,6 @@ def synthetic_corpus(n: int = 400, seed: int = 0) -> list[str]:
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 400):
     """A byte-level BPE tokenizer trained on ``corpus``, wrapped with eos/pad tokens and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -105,98 +105,43 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 400):
 
 def build_model(tokenizer, shape: dict, seed: int):
     """A seeded float32 Qwen2ForCausalLM of the given ``shape`` over ``tokenizer``'s vocabulary."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        **shape,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model = tiny_models.qwen(len(tokenizer), shape["hidden"], shape["layers"], seed, pad=tokenizer.pad_token_id,
+                             eos=tokenizer.eos_token_id, tie=True)  # fmt: skip
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return model
 
 
 def build_t5(tokenizer, shape: dict, seed: int):
     """A seeded float32 T5ForConditionalGeneration of the given ``shape`` over ``tokenizer``'s vocabulary."""
-    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_kv=16,
-        num_heads=4,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        **shape,
-    )
-    model = T5ForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model = tiny_models.t5(len(tokenizer), shape["hidden"], shape["layers"], seed, pad=pad, eos=eos)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=pad)
     return model
 
 
-def train_seq2seq(
-    model, tokenizer, pairs: list[tuple[str, str]], steps: int, seed: int, batch_size: int = 16
-):
-    """A few AdamW steps of German -> English (``translate German to English: `` prefix) on ``pairs``."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model.train()
-    try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                picks = torch.randint(0, len(pairs), (batch_size,), generator=generator).tolist()
-                sources = [f"translate German to English: {pairs[i][0]}" for i in picks]
-                targets = [pairs[i][1] + tokenizer.eos_token for i in picks]
-                inputs = tokenizer(sources, padding=True, return_tensors="pt")  # [B, T_src]
-                labels = tokenizer(targets, padding=True, return_tensors="pt")  # [B, T_tgt]
-                label_ids = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
-                loss = model(**inputs, labels=label_ids).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(n_threads)
-        model.eval()
-    return model
+def corpus_windows(token_ids: torch.Tensor, seq_len: int = 48, batch_size: int = 16):
+    """Batches of random ``seq_len`` windows of the 1-D ``token_ids``, for next-token prediction."""
+
+    def batch(generator: torch.Generator) -> dict:
+        starts = torch.randint(0, len(token_ids) - seq_len, (batch_size,), generator=generator)
+        ids = torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])  # [B, T]
+        return {"input_ids": ids, "labels": ids}
+
+    return batch
 
 
-def train(model, token_ids: torch.Tensor, steps: int, seed: int, seq_len: int = 48, batch_size: int = 16):
-    """A few Adam steps of next-token prediction on random windows of the 1-D ``token_ids``."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and immune to busy shared cores
-    model.train()
-    try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                starts = torch.randint(0, len(token_ids) - seq_len, (batch_size,), generator=generator)
-                batch = torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])  # [B, T]
-                loss = model(input_ids=batch, labels=batch).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(n_threads)
-        model.eval()
-    return model
+def translation_pairs(tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16):
+    """Batches of German -> English pairs (``translate German to English: `` prefix) for a seq2seq model."""
+
+    def batch(generator: torch.Generator) -> dict:
+        picks = torch.randint(0, len(pairs), (batch_size,), generator=generator).tolist()
+        sources = [f"translate German to English: {pairs[i][0]}" for i in picks]
+        targets = [pairs[i][1] + tokenizer.eos_token for i in picks]
+        inputs = tokenizer(sources, padding=True, return_tensors="pt")  # [B, T_src]
+        labels = tokenizer(targets, padding=True, return_tensors="pt")  # [B, T_tgt]
+        return {**inputs, "labels": labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)}
+
+    return batch
 
 
 def build_tiny_pair(root: str | Path, *, steps: int = 300, seed: int = 0) -> TinyPair:
@@ -216,7 +161,7 @@ def build_tiny_pair(root: str | Path, *, steps: int = 300, seed: int = 0) -> Tin
         (pair.small, SMALL_SHAPE, seed + 1),
         (pair.large, LARGE_SHAPE, seed + 2),
     ):
-        model = train(build_model(tokenizer, shape, model_seed), token_ids, steps, model_seed)
+        model = train(build_model(tokenizer, shape, model_seed), corpus_windows(token_ids), steps, model_seed)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     (root / "COMPLETE").write_text("ok\n")
@@ -232,10 +177,10 @@ def build_tiny_seq2seq_pair(root: str | Path, *, steps: int = 200, seed: int = 0
     tokenizer = build_tokenizer(synthetic_corpus(seed=seed))
     pairs = synthetic_pairs(400, seed)
     for folder, shape, model_seed in (
-        (pair.small, SMALL_T5_SHAPE, seed + 1),
-        (pair.large, LARGE_T5_SHAPE, seed + 2),
+        (pair.small, SMALL_SHAPE, seed + 1),
+        (pair.large, LARGE_SHAPE, seed + 2),
     ):
-        model = train_seq2seq(build_t5(tokenizer, shape, model_seed), tokenizer, pairs, steps, model_seed)
+        model = train(build_t5(tokenizer, shape, model_seed), translation_pairs(tokenizer, pairs), steps, model_seed)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     (root / "COMPLETE").write_text("ok\n")
@@ -243,6 +188,4 @@ def build_tiny_seq2seq_pair(root: str | Path, *, steps: int = 200, seed: int = 0
 
 
 if __name__ == "__main__":
-    import sys
-
     print(build_tiny_pair(sys.argv[1] if len(sys.argv) > 1 else "tiny-pair"))
