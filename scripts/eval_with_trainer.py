@@ -9,6 +9,13 @@ ROUGE-L, HumanEval pass@1), and the BiLD stats of the loop's generate() calls, g
 `bild.collect_stats()`, are reported next to the metric. Writes ``metrics.json`` and
 ``predictions.jsonl`` to ``--out``. Defaults: the offline Qwen2.5-Coder pair and data prepared by
 scripts/prepare_models.py and scripts/prepare_data.py.
+
+Across processes, the Trainer shares the batches out and gathers the predictions; the BiLD stats of every
+process are gathered too, and the main process alone writes and prints the merged report (on CPUs the
+processes talk over gloo; accelerate's own ``--cpu`` flag starts one process unless MPI is set up):
+
+    torchrun --nproc_per_node 2 scripts/eval_with_trainer.py --task translation --limit 16
+    accelerate launch --multi_gpu --num_processes 2 scripts/eval_with_trainer.py --task translation --limit 16
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 import bild
+from bild.bench import distributed
 from bild.bench.loading import ModelPair, load_pair
 from bild.bench.machine import DTYPES, resolve_dtype
 from bild.bench.tasks import get_task
@@ -70,6 +78,7 @@ def new_tokens(row: list[int], prompt: list[int], pad_token_id: int) -> list[int
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Evaluate, then write and print the metrics (main process only); every process returns the merged metrics."""
     args = parse_args(argv)
     task = get_task(args.task)
     examples = task.load(args.data, args.limit)
@@ -88,22 +97,26 @@ def main(argv: list[str] | None = None) -> dict:
         output = trainer.predict(dataset)
     wall_s = time.perf_counter() - start
 
+    # across processes Seq2SeqTrainer gathers every row, the last step's repeated examples too: they come last
+    rows = output.predictions.tolist()[: len(dataset)]
     predictions = []
-    for row, example, prompt in zip(output.predictions.tolist(), examples, dataset["input_ids"], strict=True):
+    for row, example, prompt in zip(rows, examples, dataset["input_ids"], strict=True):
         ids = [t for t in row if t >= 0] if pair.is_encoder_decoder else new_tokens(row, prompt, pair.pad_token_id)
         predictions.append(task.postprocess(tokenizer.decode(ids, skip_special_tokens=True), example))
-    stats = bild.BildStats.concat(calls)
+    stats = distributed.gather_trainer_stats(calls, len(dataset))  # every process's rows, in dataset order
     metrics = {
         **task.score(predictions, examples),
         **{f"bild_{name}": value for name, value in stats.summary().items()},
         "examples": len(examples),
+        "processes": distributed.num_processes(),
         "wall_s": wall_s,
         "tokens_per_s": stats.total("generated") / wall_s,
         "settings": {"fallback_threshold": args.fallback, "rollback_threshold": args.rollback,
                      "max_draft_tokens": args.max_draft_tokens, "batch_size": args.batch_size},
     }  # fmt: skip
-    write_outputs(Path(args.out), metrics, examples, predictions)
-    print(json.dumps(metrics, indent=2))
+    if distributed.is_main_process():
+        write_outputs(Path(args.out), metrics, examples, predictions)
+        print(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -1,29 +1,32 @@
 """Where BiLD's time goes on this machine: the cost of one forward of each model, by tokens fed.
 
-    python scripts/profile_pair.py [--small S --large L] [--context 128] [--repeats 5]
+    python scripts/profile_pair.py [--small S --large L] [--dtype auto] [--compress int8 --vocab-size 32768]
+                                   [--save costs.json]
 
 BiLD's speedup is bounded by two ratios this prints: a small forward against a large one (drafting),
 and a large forward over k+1 tokens against one over 1 token (verifying k drafts costs that much more
 than plain decoding). On a GPU the second ratio is close to 1 for small k; on a few CPU cores it is not.
 Each row is the median of ``--repeats`` forwards after a warm-up, with ``--context`` tokens in the cache.
+``--compress`` also times the small model compressed by `bild.compress_drafter` (the drafter used with
+``--save``); ``--save`` writes the costs as `bild.DraftCosts` JSON for ``max_draft_tokens="auto"``
+(``draft_costs:`` in bench configs).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import copy
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from bild.bench.machine import DTYPES, resolve_dtype
 from bild.bench.paths import resolve_model
-from bild.compat import cache_kwarg, new_cache
+from bild.drafters import QUANTIZATIONS, compress_drafter
+from bild.schedule import PROFILE_TOKENS, DraftCosts, forward_ms
 
 DEFAULT_SMALL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LARGE = "qwen2.5-coder-1.5b-instruct"
-CHUNKS = (1, 2, 4, 8, 11, 16)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,26 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 where the CPU has it")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compress", choices=[q for q in QUANTIZATIONS if q], help="also time a compressed drafter")
+    parser.add_argument("--vocab-size", type=int, help="draft vocabulary of the compressed drafter")
+    parser.add_argument("--save", help="write the large / (compressed) small costs as DraftCosts JSON here")
     return parser.parse_args(argv)
-
-
-def forward_ms(model, context: int, n_new: int, repeats: int) -> float:
-    """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens."""
-    device, kwarg = model.device, cache_kwarg(model)
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0)).to(device)
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        cache = {kwarg: new_cache(model)}
-        model(input_ids=ids[:, :context], **cache, use_cache=True, logits_to_keep=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(input_ids=ids[:, context:], **cache, use_cache=True, logits_to_keep=n_new)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times[1:])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -64,23 +51,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name: AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=dtype).to(device).eval()
         for name, path in (("small", args.small), ("large", args.large))
     }
-    rows = []
+    if args.compress or args.vocab_size:
+        models["drafter"] = compress_drafter(copy.deepcopy(models["small"]), args.compress, args.vocab_size)
     with torch.inference_mode():
-        for n_new in CHUNKS:
-            row = {"tokens fed": n_new}
-            for name, model in models.items():
-                row[f"{name} ms"] = forward_ms(model, args.context, n_new, args.repeats)
-            rows.append(row)
-    one_large = rows[0]["large ms"]
-    print(f"context {args.context} tokens, {str(dtype).removeprefix('torch.')}, {device}, {torch.get_num_threads()} threads")
-    print("| tokens fed | small ms | large ms | small / large(1) | large / large(1) |")
-    print("|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(
-            f"| {row['tokens fed']} | {row['small ms']:.0f} | {row['large ms']:.0f} | "
-            f"{row['small ms'] / one_large:.2f} | {row['large ms'] / one_large:.2f} |"
-        )
+        rows = [
+            {"tokens fed": n, **{name: forward_ms(model, args.context, n, args.repeats) for name, model in models.items()}}
+            for n in PROFILE_TOKENS
+        ]
+    print_table(rows, list(models), f"context {args.context} tokens, {str(dtype).removeprefix('torch.')}, "
+                f"{device}, {torch.get_num_threads()} threads")  # fmt: skip
+    if args.save:
+        drafter = "drafter" if "drafter" in models else "small"
+        unit = rows[0]["large"]
+        costs = DraftCosts(small=tuple((r["tokens fed"], r[drafter] / unit) for r in rows),
+                           large=tuple((r["tokens fed"], r["large"] / unit) for r in rows))  # fmt: skip
+        print(f"wrote {costs.save(args.save)} ({drafter} model as the drafter)")
     return rows
+
+
+def print_table(rows: list[dict], names: list[str], title: str) -> None:
+    """Milliseconds per forward, and each as a multiple of one large forward over one token."""
+    unit = rows[0]["large"]
+    print(title)
+    print("| tokens fed | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(f"{n} / large(1)" for n in names) + " |")
+    print("|---:|" + "---:|" * (2 * len(names)))
+    for row in rows:
+        ms = " | ".join(f"{row[n]:.0f}" for n in names)
+        ratios = " | ".join(f"{row[n] / unit:.2f}" for n in names)
+        print(f"| {row['tokens fed']} | {ms} | {ratios} |")
 
 
 if __name__ == "__main__":

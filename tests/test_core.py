@@ -133,13 +133,37 @@ def test_batch_equals_rows_alone(pair, settings):
 
 
 def test_encoder_decoder_batch_equals_rows_alone(s2s):
+    """T5 rows run together (one forward per step for the batch) and give each row's tokens and counts alone."""
     large, _ = s2s
-    src = sample_chain(CHAIN, 3, 10, torch.Generator().manual_seed(6))
+    src = sample_chain(CHAIN, 8, 10, torch.Generator().manual_seed(6))
+    src[::3, 6:] = PAD  # unequal source lengths
+    mask = (src != PAD).long()
     settings = dict(fallback_threshold=0.4, rollback_threshold=1.0, max_draft_tokens=5, max_new_tokens=12)
-    batch = bild_generate(large, src, **settings)
-    for b in range(3):
-        alone = bild_generate(large, src[b : b + 1], **settings)
+    with ForwardCounter(large.get_decoder()) as n_batched:
+        batch = bild_generate(large, src, mask, **settings)
+    assert batch.cache is not None  # decoded together, not row by row
+    n_alone = 0
+    for b in range(8):
+        row = src[b : b + 1, mask[b].bool()]
+        with ForwardCounter(large.get_decoder()) as counter:
+            alone = bild_generate(large, row, **settings)
+        n_alone += counter.calls
         assert strip(batch.sequences[b]) == strip(alone.sequences[0])
+        assert batch.bild_stats.row(b).to_dict() == alone.bild_stats.to_dict()
+    rollbacks = batch.bild_stats.rollbacks
+    assert 0 < sum(r > 0 for r in rollbacks) < 8, "some rows, not all, must roll back"
+    assert n_batched.calls <= n_alone / 4  # the issue's target: a quarter of the large forwards at batch 8
+
+
+def test_absolute_position_encoder_decoders_decode_rows_alone(bart_pair):
+    large, small = bart_pair
+    bild.attach(large, small)
+    try:
+        src = torch.tensor([[5, 9, 12, 30, 7, EOS], [8, 8, 21, 4, EOS, PAD]])
+        out = bild_generate(large, src, (src != PAD).long(), rollback_threshold=0.0, max_new_tokens=6, num_beams=1)
+        assert out.cache is None  # BART takes positions from the cache length: rows one after another
+    finally:
+        bild.detach(large)
 
 
 # --- stopping -------------------------------------------------------------------------------------------

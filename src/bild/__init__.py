@@ -1,19 +1,43 @@
 """Big Little Decoder (BiLD) as a decoding mode of Hugging Face transformers' generate()."""
 
+import importlib
+
 from .cache import BildCache
 from .config import BildGenerationConfig, BildSettings
+from .drafters import compress_drafter
 from .integration import BildGenerateOutput, BildGenerationMixin, attach, detach
+from .schedule import DraftCosts
 from .stats import BildStats, collect_stats
 
 __all__ = [
+    "AlignResult",
     "BildCache",
     "BildGenerateOutput",
     "BildGenerationConfig",
     "BildGenerationMixin",
     "BildSettings",
     "BildStats",
+    "Budget",
+    "CalibrationResult",
+    "DraftCosts",
+    "align",
     "attach",
+    "calibrate",
     "collect_stats",
+    "compress_drafter",
     "detach",
 ]
 __version__ = "0.1.0"
+
+# Tools built on the benchmark or the Trainer pull in peft, datasets and metrics (seconds to import): they
+# are loaded on first use, not with `import bild`.
+_LAZY = {
+    "align": "alignment", "AlignResult": "alignment",
+    "calibrate": "calibration", "Budget": "calibration", "CalibrationResult": "calibration",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

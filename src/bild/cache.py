@@ -4,6 +4,8 @@ Rows of a batch advance by different amounts each round. Every cache slot theref
 index of the token it holds, or -1 for a slot to ignore (left padding, a rejected draft, a row that sat
 out a forward). The models see those slots through the attention mask and get explicit position ids, so
 a rolled-back draft in one row never disturbs another row, and a batch of one never has a gap at all.
+T5-style decoders take no position ids but place tokens by slot: for them the slots in use are moved to the
+end of the cache before each forward (`TrackedCache.right_align`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .compat import cache_kwarg, crop_cache, new_cache
+from .compat import cache_kwarg, crop_cache, gather_cache_slots, new_cache
 
 
 class TrackedCache:
@@ -33,6 +35,22 @@ class TrackedCache:
         """`(batch_size, S + L)` mask over the cache and a new chunk; None when every slot is visible."""
         visible = torch.cat([self.slot_index, chunk_slot_index], dim=1) >= 0
         return None if bool(visible.all()) else visible.long()
+
+    def right_align(self) -> None:
+        """Move each row's slots in use to the end of the cache, in order, and drop columns no row uses.
+
+        For decoders that place tokens by cache slot (T5's relative attention): afterwards a row's tokens sit
+        in consecutive slots that end where the next token goes, so slot distances are token distances.
+        """
+        is_used = self.slot_index >= 0  # [B, S]
+        n_slots = self.length
+        order = (is_used.long() * n_slots + torch.arange(n_slots, device=is_used.device)).argsort(dim=1)  # [B, S]
+        n_drop = int((~is_used).sum(dim=1).min()) if n_slots else 0  # leading columns every row leaves unused
+        order = order[:, n_drop:]
+        if n_drop == 0 and bool((order == torch.arange(n_slots, device=order.device)).all()):
+            return
+        self.slot_index = self.slot_index.gather(1, order)
+        gather_cache_slots(self.kv, order)
 
     def append(self, chunk_slot_index: torch.Tensor, new_n_seen: torch.Tensor) -> None:
         """Record the slots a forward over a `(batch_size, L)` chunk just wrote."""

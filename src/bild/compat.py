@@ -9,12 +9,18 @@ tested in tests/test_compat.py:
 - `takes_forward_arg`: whether a model's forward() names ``position_ids`` / ``logits_to_keep``.
 - `prepared_special_tokens`: ``generate()`` leaves the prepared EOS and pad ids on the generation config
   it hands a ``custom_generate`` callable, as ``_eos_token_tensor`` / ``_pad_token_tensor``.
+- `SeenByGenerate`: stock ``generate()`` calls ``get_generation_mode()`` (public) on the config it prepared
+  from the one passed in, and ``_prepare_generation_config`` calls the private static
+  ``_get_default_generation_params()`` on the model's own ``generation_config`` (Seq2SeqTrainer calls it
+  too, after generate(), so the caller's name is checked); `BildGenerationConfig` hooks both to refuse
+  stock decoding on a model that was never attached (tests/test_user_errors.py).
 - The ``custom_generate=<callable>`` route of generate() itself (used in integration.py) is public API.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, PreTrainedModel
@@ -44,6 +50,108 @@ def crop_cache(cache: Cache, n_remove: int) -> None:
         cache.crop(-n_remove)
 
 
+class SeenByGenerate:
+    """Mixed into a `GenerationConfig` subclass: ``self._on_generate()`` runs whenever generate() uses the config.
+
+    That is when it is passed as ``generate(generation_config=...)`` and when it is the model's own
+    ``generation_config``.
+    """
+
+    def get_generation_mode(self, assistant_model=None):
+        self._on_generate()
+        return super().get_generation_mode(assistant_model)
+
+    def _get_default_generation_params(self) -> dict:
+        if sys._getframe(1).f_code.co_name == "_prepare_generation_config":  # generate() reads the model's config
+            self._on_generate()
+        return super()._get_default_generation_params()
+
+    def _on_generate(self) -> None:
+        raise NotImplementedError
+
+
 def prepared_special_tokens(config: GenerationConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(eos_ids, pad_id)`` tensors as generate() prepared them, before it calls a custom decoding loop."""
     return getattr(config, "_eos_token_tensor", None), getattr(config, "_pad_token_tensor", None)
+
+
+# Encoder-decoder families whose decoders position tokens only relative to each other (T5's bucketed
+# relative attention bias, computed from cache slots): their rows can run together once every row's cache
+# slots are contiguous. Families with absolute positions taken from the cache length (BART, Marian,
+# Pegasus, ...) cannot, and decode one row at a time.
+RELATIVE_POSITION_SEQ2SEQ = ("t5", "mt5", "umt5")
+
+
+def has_relative_positions(model: PreTrainedModel) -> bool:
+    return model.config.is_encoder_decoder and model.config.model_type in RELATIVE_POSITION_SEQ2SEQ
+
+
+def gather_cache_slots(cache: Cache, index: torch.Tensor) -> None:
+    """Keep, per row, the self-attention slots ``index[b]`` (in that order) of every layer: `(batch_size, S')`.
+
+    Relies on the 5.x cache layout: ``cache.layers[i].keys`` / ``.values`` of shape [B, heads, S, head_dim]
+    (an `EncoderDecoderCache` holds them in ``self_attention_cache``).
+    """
+    cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        index = index.to(layer.keys.device)  # layers may sit on different devices (device_map="auto")
+        expanded = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys = layer.keys.gather(2, expanded)
+        layer.values = layer.values.gather(2, expanded)
+
+
+# --- Early exit (bild.early_exit) -------------------------------------------------------------------------
+# What `bild.early_exit` relies on beyond the public API, for Llama/Qwen2-family decoder layers:
+# - `run_decoder_layer`: a decoder layer called on its own takes ``(hidden_states, attention_mask=4-D additive
+#   mask, position_ids, position_embeddings=(cos, sin), use_cache)`` plus the cache as ``cache`` (5.2x) or
+#   ``past_key_values`` (before); it returns the hidden states (a tuple whose first item on older versions).
+# - `set_cache_layer_index`: a layer writes its KV into ``cache.layers[layer.self_attn.layer_idx]``.
+# - `add_cache_layers` / `crop_cache_layers`: a dynamic cache keeps one ``DynamicLayer`` per layer in
+#   ``cache.layers`` (appended on demand when ``layer_class_to_replicate`` is set); ``layer.crop(-n)`` drops the
+#   last ``n`` slots of that layer alone.
+# - `output_with_cache`: model outputs name the cache ``cache`` (5.2x) or ``past_key_values`` (before).
+
+
+def run_decoder_layer(
+    layer: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    cache: Cache | None,
+) -> torch.Tensor:
+    """One decoder layer on `(batch_size, L, hidden)` states with a `(batch_size, 1, L, S + L)` additive mask."""
+    kwargs = {cache_kwarg(layer): cache} if cache is not None else {}
+    output = layer(
+        hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+        position_embeddings=position_embeddings, use_cache=cache is not None, **kwargs,
+    )  # fmt: skip
+    return output[0] if isinstance(output, tuple) else output
+
+
+def set_cache_layer_index(layer: torch.nn.Module, layer_idx: int) -> None:
+    """Make a decoder layer read and write its KV in slot ``layer_idx`` of the cache it is given."""
+    layer.self_attn.layer_idx = layer_idx
+
+
+def add_cache_layers(cache: Cache, n_layers: int) -> None:
+    """Give a cache built with a fixed list of layers (``DynamicCache(config=...)``) room for ``n_layers`` layers."""
+    if getattr(cache, "layer_class_to_replicate", None) is None:
+        while len(cache.layers) < n_layers:
+            cache.layers.append(type(cache.layers[0])())
+
+
+def crop_cache_layers(cache: Cache, layer_ids: range, n_remove: int) -> None:
+    """Drop the last ``n_remove`` slots of the layers ``layer_ids`` of ``cache`` only (others keep theirs)."""
+    if n_remove > 0:
+        for layer_idx in layer_ids:
+            if layer_idx < len(cache.layers):
+                cache.layers[layer_idx].crop(-n_remove)
+
+
+def output_with_cache(output_class: type, cache: Cache | None, **fields):
+    """``output_class(**fields)`` with the cache under the field name this transformers version uses."""
+    name = "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
+    return output_class(**fields, **{name: cache})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 from dataclasses import dataclass
@@ -10,51 +12,73 @@ from typing import Any
 import numpy as np
 from transformers import GenerationConfig
 
+from .compat import SeenByGenerate
+from .schedule import AUTO, DraftCosts
+
 BILD_MODE = "bild"
 DEFAULT_FALLBACK_THRESHOLD = 0.6
 DEFAULT_ROLLBACK_THRESHOLD = 2.0
 DEFAULT_MAX_DRAFT_TOKENS = 10
-BILD_FIELDS = ("fallback_threshold", "rollback_threshold", "max_draft_tokens")
+DEFAULT_VERIFY_FALLBACK_TOKEN = False
+BILD_FIELDS = ("fallback_threshold", "rollback_threshold", "max_draft_tokens", "verify_fallback_token", "draft_costs")
+INF_JSON = "inf"  # an infinite threshold in saved configs: standard JSON has no Infinity
+# True inside an attached model's generate(): only there may stock generate() meet a BildGenerationConfig.
+_IN_ATTACHED_GENERATE = contextvars.ContextVar("bild_in_attached_generate", default=False)
 
 
 @dataclass(frozen=True)
 class BildSettings:
-    """The three numbers that steer BiLD, validated.
+    """The settings that steer BiLD, validated.
 
     fallback_threshold: alpha_FB in [0, 1]; the small model stops drafting when its top probability is below it.
     rollback_threshold: alpha_RB >= 0 (``inf`` allowed); a draft the large model disagrees with is rolled back
         when its cross-entropy under the large model exceeds it. 0 makes BiLD lossless.
-    max_draft_tokens: N >= 1; the large model is called after at most N drafts.
+    max_draft_tokens: N >= 1, the large model is called after at most N drafts; or ``"auto"``, a cap chosen
+        each round from the pair's forward costs and recent acceptance (`bild.schedule`).
+    verify_fallback_token: on a fallback, the large model also checks the token the small model was unsure
+        of, in the same forward; it is kept only if it is exactly the large model's own choice.
+    draft_costs: for ``"auto"``: a `bild.DraftCosts`, its dict, or a JSON file of one; None estimates them
+        from the weight bytes of both models.
     """
 
     fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD
     rollback_threshold: float = DEFAULT_ROLLBACK_THRESHOLD
-    max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
+    max_draft_tokens: int | str = DEFAULT_MAX_DRAFT_TOKENS
+    verify_fallback_token: bool = DEFAULT_VERIFY_FALLBACK_TOKEN
+    draft_costs: DraftCosts | dict | str | None = None
 
     def __post_init__(self):
-        validate_settings(self.fallback_threshold, self.rollback_threshold, self.max_draft_tokens)
+        validate_settings(self.fallback_threshold, self.rollback_threshold, self.max_draft_tokens,
+                          self.verify_fallback_token)  # fmt: skip
         # plain Python numbers (not numpy scalars), so configs and reports serialize cleanly
         object.__setattr__(self, "fallback_threshold", float(self.fallback_threshold))
         object.__setattr__(self, "rollback_threshold", float(self.rollback_threshold))
-        object.__setattr__(self, "max_draft_tokens", int(self.max_draft_tokens))
+        if self.max_draft_tokens != AUTO:
+            object.__setattr__(self, "max_draft_tokens", int(self.max_draft_tokens))
+        if self.draft_costs is not None:
+            object.__setattr__(self, "draft_costs", DraftCosts.load(self.draft_costs))
 
     @classmethod
-    def from_config(cls, generation_config: GenerationConfig | None, **overrides: Any) -> BildSettings:
-        """Settings from a generation config's attributes, with generate() kwargs taking precedence.
+    def from_config(cls, *generation_configs: GenerationConfig | None, **overrides: Any) -> BildSettings:
+        """Settings from generate() kwargs, else the first config that sets each (like stock generate()).
 
-        Attributes missing from the config (or set to None) take the defaults; an explicit 0 stays 0.
+        Pass the configs in order of precedence, e.g. the one passed to generate(), then the model's own.
+        Fields no one sets (or sets to None) take the defaults; an explicit 0 stays 0.
         """
         values = {}
         for name in BILD_FIELDS:
             value = overrides.get(name)
-            if value is None:
-                value = getattr(generation_config, name, None)
+            for config in generation_configs:
+                if value is None:
+                    value = from_json_value(getattr(config, name, None))
             if value is not None:
                 values[name] = value
         return cls(**values)
 
 
-def validate_settings(fallback_threshold: Any, rollback_threshold: Any, max_draft_tokens: Any) -> None:
+def validate_settings(
+    fallback_threshold: Any, rollback_threshold: Any, max_draft_tokens: Any, verify_fallback_token: Any = False
+) -> None:
     """Raise a ValueError that says what to change when a BiLD setting is out of range."""
     if not is_real(fallback_threshold) or not 0.0 <= float(fallback_threshold) <= 1.0:
         raise ValueError(
@@ -66,11 +90,35 @@ def validate_settings(fallback_threshold: Any, rollback_threshold: Any, max_draf
             f"`rollback_threshold` must be >= 0 (float('inf') allowed), got {rollback_threshold!r}. "
             "0 makes BiLD lossless (output equals the large model's greedy output); inf never rolls back."
         )
-    if not is_integer(max_draft_tokens) or max_draft_tokens < 1:
+    if max_draft_tokens != AUTO and (not is_integer(max_draft_tokens) or max_draft_tokens < 1):
         raise ValueError(
-            f"`max_draft_tokens` must be an integer >= 1, got {max_draft_tokens!r}: it is the most tokens the "
-            "small model drafts before the large model is called anyway."
+            f"`max_draft_tokens` must be an integer >= 1 or 'auto', got {max_draft_tokens!r}: it is the most tokens "
+            "the small model drafts before the large model is called anyway ('auto': chosen by cost each round)."
         )
+    if not isinstance(verify_fallback_token, (bool, np.bool_)):
+        raise ValueError(f"`verify_fallback_token` must be True or False, got {verify_fallback_token!r}.")
+
+
+def from_json_value(value: Any) -> Any:
+    """A setting as Python reads it: ``"inf"`` (how configs are saved) -> ``math.inf``, numpy scalars -> Python."""
+    if isinstance(value, str) and value == INF_JSON:
+        return math.inf
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def to_json_value(value: Any) -> Any:
+    """A setting as standard JSON can hold it: ``math.inf`` -> ``"inf"``."""
+    return INF_JSON if isinstance(value, float) and math.isinf(value) and value > 0 else value
+
+
+@contextlib.contextmanager
+def in_attached_generate():
+    """Mark the code inside as an attached model's generate(): BildGenerationConfigs are expected there."""
+    token = _IN_ATTACHED_GENERATE.set(True)
+    try:
+        yield
+    finally:
+        _IN_ATTACHED_GENERATE.reset(token)
 
 
 def is_integer(value: Any) -> bool:
@@ -83,35 +131,55 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-class BildGenerationConfig(GenerationConfig):
+class BildGenerationConfig(SeenByGenerate, GenerationConfig):
     """A `GenerationConfig` that selects BiLD decoding (``generation_mode="bild"``) and carries its thresholds.
 
     Pass it as ``model.generate(generation_config=...)`` on a model prepared with `bild.attach`, or use it as a
-    `Seq2SeqTrainingArguments.generation_config`. It saves and loads like any `GenerationConfig`.
+    `Seq2SeqTrainingArguments.generation_config`; on a model that was not attached, generate() raises. It saves
+    and loads like any `GenerationConfig`, as standard JSON (an infinite threshold is written ``"inf"``).
+    Settings left at None take the model's ``generation_config`` value, else the default (like stock fields).
 
     Args:
         fallback_threshold: alpha_FB in [0, 1] (default 0.6).
         rollback_threshold: alpha_RB >= 0, ``inf`` allowed (default 2.0).
-        max_draft_tokens: N >= 1, the most small-model steps before the large model is called (default 10).
+        max_draft_tokens: N >= 1, the most small-model steps before the large model is called (default 10),
+            or ``"auto"`` (a cost-aware cap each round).
+        verify_fallback_token: let the large model check the small model's unsure token on a fallback.
+        draft_costs: for ``"auto"``: a JSON file or dict of `bild.DraftCosts` (None: estimated).
         **kwargs: any `GenerationConfig` argument (``max_new_tokens``, ``eos_token_id``, ...).
     """
 
     def __init__(
         self,
-        fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD,
-        rollback_threshold: float = DEFAULT_ROLLBACK_THRESHOLD,
-        max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS,
+        fallback_threshold: float | None = None,
+        rollback_threshold: float | None = None,
+        max_draft_tokens: int | str | None = None,
+        verify_fallback_token: bool | None = None,
+        draft_costs: dict | str | None = None,
         **kwargs: Any,
     ):
         # GenerationConfig keeps unknown keyword arguments as attributes and validates at the end of __init__.
-        kwargs.update(
-            generation_mode=BILD_MODE,
+        settings = dict(
             fallback_threshold=fallback_threshold,
             rollback_threshold=rollback_threshold,
             max_draft_tokens=max_draft_tokens,
+            verify_fallback_token=verify_fallback_token,
+            draft_costs=draft_costs,
         )
+        kwargs.update(generation_mode=BILD_MODE, **{name: from_json_value(v) for name, v in settings.items()})
         super().__init__(**kwargs)
 
     def validate(self, *args: Any, **kwargs: Any) -> None:
         super().validate(*args, **kwargs)
-        validate_settings(self.fallback_threshold, self.rollback_threshold, self.max_draft_tokens)
+        BildSettings.from_config(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: to_json_value(value) for name, value in super().to_dict().items()}
+
+    def _on_generate(self) -> None:
+        if not _IN_ATTACHED_GENERATE.get():
+            raise ValueError(
+                "This generation config asks for BiLD decoding (generation_mode='bild'), but the model was not "
+                "prepared for it: call bild.attach(model, small_model) first (in every process: after loading, "
+                "unpickling or bild.detach), or use a plain GenerationConfig for stock decoding."
+            )

@@ -8,9 +8,10 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
 from .cache import BildCache, TrackedCache
-from .compat import takes_forward_arg
+from .compat import has_relative_positions, takes_forward_arg
 from .config import BildSettings
 from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
+from .schedule import AUTO, DraftCosts, DraftSchedule
 from .stats import BildStats
 
 # B: batch rows, T: sequence length, L: chunk fed in one forward, K: most drafts in a round, V: vocabulary.
@@ -119,6 +120,27 @@ class DecoderInputs:
         )
 
 
+@dataclass
+class Drafts:
+    """What the small model proposed this round, per row (all `(batch_size,)` unless said otherwise)."""
+
+    n_drafted: torch.Tensor  # drafts made, the unsure token excluded
+    n_steps: torch.Tensor  # small-model forwards
+    fell_back: torch.Tensor  # bool, drafting ended because the small model was unsure
+    has_candidate: torch.Tensor  # bool, the unsure token follows the drafts for the large model to check
+    probs: torch.Tensor | None = None  # [B, K, V] sampling only: the distributions draft i was drawn from
+
+    @classmethod
+    def empty(cls, start: torch.Tensor) -> Drafts:
+        zeros = torch.zeros_like(start)
+        return cls(zeros.clone(), zeros.clone(), zeros.bool(), zeros.bool())
+
+    @property
+    def n_columns(self) -> int:
+        """Large-model distributions the round needs: one per draft and candidate, plus the one after them."""
+        return int((self.n_drafted + self.has_candidate).max()) + 1
+
+
 class Decoder:
     """One model as the loop sees it: its cache, its encoder output, and a forward over unseen tokens."""
 
@@ -130,6 +152,7 @@ class Decoder:
         self.vocab_size = vocab_size
         self.encoder_kwargs = encoder_kwargs or {}
         self.is_encoder_decoder = model.config.is_encoder_decoder
+        self.places_by_slot = has_relative_positions(model)  # T5: positions come from cache slots
         self.takes_position_ids = takes_forward_arg(model, "position_ids")
         self.takes_logits_to_keep = takes_forward_arg(model, "logits_to_keep")
 
@@ -147,6 +170,8 @@ class Decoder:
             ``first_target + i``. Columns past a row's last fed token hold garbage.
         """
         cache = self.cache
+        if self.places_by_slot:
+            cache.right_align()
         start = cache.n_seen  # [B]
         n_feed = torch.where(is_advancing, state.lengths - start, 0)  # [B]
         chunk_len = int(n_feed.max())
@@ -173,9 +198,9 @@ class Decoder:
 
     def _input_kwargs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> dict:
         if self.is_encoder_decoder:
-            if mask is not None:
-                raise RuntimeError("bild internal error: encoder-decoder rows must be decoded without cache gaps.")
-            return {"decoder_input_ids": input_ids}
+            if mask is not None and not self.places_by_slot:
+                raise RuntimeError("bild internal error: this decoder cannot skip cache slots; decode rows alone.")
+            return {"decoder_input_ids": input_ids, "decoder_attention_mask": mask}
         kwargs = {"input_ids": input_ids, "attention_mask": mask}
         if self.takes_position_ids:  # those that don't are only ever given batches of one, without gaps
             kwargs["position_ids"] = positions.clamp(min=0)
@@ -206,89 +231,106 @@ def apply_processors(
 
 
 def draft(
-    small: Decoder, state: BatchState, rules: TokenRules, sampling: Sampling, settings: BildSettings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Step 1: the small model drafts until it is unsure, drafts N tokens, or reaches EOS or the length limit.
+    small: Decoder, state: BatchState, rules: TokenRules, sampling: Sampling, settings: BildSettings, cap: int
+) -> Drafts:
+    """Step 1: the small model drafts until it is unsure, drafts ``cap`` tokens, or reaches EOS or the length limit.
 
-    Drafts are written into ``state.token_ids`` (tentatively) and ``state.lengths`` grows with them.
-    Returns `(batch_size,)` counts of drafts, `(batch_size,)` bool, whether the row fell back, and, when
-    sampling, `(batch_size, K, vocab_size)` the distributions draft ``i`` was drawn from (else None).
+    Drafts are written into ``state.token_ids`` (tentatively) and ``state.lengths`` grows with them. With
+    ``settings.verify_fallback_token``, the token the small model was unsure of is written after them too,
+    for the large model to check (it is not a draft: `Drafts.has_candidate`).
     """
     start = state.lengths.clone()
-    is_drafting = ~state.finished & (state.lengths < rules.max_length)
-    fell_back = torch.zeros_like(is_drafting)
+    is_drafting = ~state.finished & (state.lengths < rules.max_length) & (cap > 0)
+    drafts = Drafts.empty(start)
     draft_probs = []
-    for _ in range(settings.max_draft_tokens):
+    for _ in range(cap):
         if not bool(is_drafting.any()):
             break
         logits = small.forward(state, is_drafting, first_target=state.lengths, n_targets=1)  # [B, 1, V]
-        state.stats.small_forwards += is_drafting
+        drafts.n_steps += is_drafting
         scores = apply_processors(rules, state, logits, state.lengths[:, None], is_drafting[:, None])[:, 0]  # [B, V]
         probs = scores.softmax(dim=-1)
         is_unsure = is_drafting & should_fall_back(probs, settings.fallback_threshold)
-        fell_back |= is_unsure
-        is_taken = is_drafting & ~is_unsure
+        drafts.fell_back |= is_unsure
+        is_written = is_drafting & (~is_unsure | settings.verify_fallback_token)
+        token_ids = probs.argmax(dim=-1)  # [B]
         if sampling.do_sample:
             draft_probs.append(probs)
-            token_ids = torch.zeros_like(state.lengths)
-            token_ids[is_taken] = sample(probs[is_taken], sampling.generator)
-        else:
-            token_ids = probs.argmax(dim=-1)  # [B]
-        state.write(is_taken, state.lengths, token_ids)
-        state.lengths += is_taken
-        is_drafting = is_taken & ~rules.is_eos(token_ids) & (state.lengths < rules.max_length)
-    n_drafted = state.lengths - start
-    if not sampling.do_sample:
-        return n_drafted, fell_back, None
-    # row b's draft i was drawn at step i: drafting only ever stops, so step i never skips a drafting row
-    draft_probs = draft_probs[: int(n_drafted.max())]
-    if not draft_probs:
-        return n_drafted, fell_back, torch.zeros(len(start), 0, rules.vocab_size, device=start.device)
-    return n_drafted, fell_back, torch.stack(draft_probs, dim=1)
+            token_ids[is_written] = sample(probs[is_written], sampling.generator)
+        state.write(is_written, state.lengths, token_ids)
+        state.lengths += is_written
+        drafts.has_candidate |= is_unsure & is_written
+        is_drafting &= ~is_unsure & ~rules.is_eos(token_ids) & (state.lengths < rules.max_length)
+    drafts.n_drafted = state.lengths - start - drafts.has_candidate.long()
+    if sampling.do_sample:
+        # row b's draft i was drawn at step i: drafting only ever stops, so step i never skips a drafting row
+        draft_probs = draft_probs[: int(drafts.n_drafted.max())]
+        drafts.probs = torch.stack(draft_probs, dim=1) if draft_probs else probs_placeholder(start, rules)
+    state.stats.small_forwards += drafts.n_steps
+    return drafts
 
 
-def verify(
-    large: Decoder, state: BatchState, rules: TokenRules, start: torch.Tensor, n_drafted: torch.Tensor
-) -> torch.Tensor:
-    """Step 2: one large-model forward over every unseen token, drafts included.
+def probs_placeholder(start: torch.Tensor, rules: TokenRules) -> torch.Tensor:
+    """`(batch_size, 0, vocab_size)`: the draft distributions of a round in which no row drafted."""
+    return torch.zeros(len(start), 0, rules.vocab_size, device=start.device)
+
+
+def verify(large: Decoder, state: BatchState, rules: TokenRules, start: torch.Tensor, drafts: Drafts) -> torch.Tensor:
+    """Step 2: one large-model forward over every unseen token, drafts (and the unsure candidate) included.
 
     Returns `(batch_size, K + 1, vocab_size)` processed scores; column ``i`` is the large model's
     distribution for sequence index ``start + i`` (column ``n_drafted`` follows the last draft).
     """
-    n_columns = int(n_drafted.max()) + 1
+    n_columns = drafts.n_columns
+    n_real = drafts.n_drafted + drafts.has_candidate  # [B] tokens to check per row
     is_verifying = ~state.finished
     logits = large.forward(state, is_verifying, first_target=start, n_targets=n_columns)  # [B, K+1, V]
     state.stats.large_forwards += is_verifying
     columns = torch.arange(n_columns, device=start.device)
     target_index = start[:, None] + columns  # [B, K+1]
-    is_real = is_verifying[:, None] & (columns <= n_drafted[:, None])
+    is_real = is_verifying[:, None] & (columns <= n_real[:, None])
     return apply_processors(rules, state, logits, target_index, is_real)
 
 
 def find_rollback_point(
-    state: BatchState,
-    start: torch.Tensor,
-    n_drafted: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    target_scores: torch.Tensor,
-    sampling: Sampling,
+    state: BatchState, start: torch.Tensor, drafts: Drafts, target_scores: torch.Tensor, sampling: Sampling,
     settings: BildSettings,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Step 3: drafts kept per row, whether a draft was rolled back, and the large model's next token.
 
+    The unsure candidate after a row's drafts is kept only when every draft is and it is exactly the
+    large model's own next token; the large model's token after it then comes free.
     Returns three `(batch_size,)` tensors: ``n_accepted``, ``is_rollback``, ``next_ids``.
     """
-    draft_ids = state.tokens_at(start[:, None] + torch.arange(target_scores.shape[1] - 1, device=start.device))
-    if sampling.do_sample:  # draft_ids: [B, K]
-        return find_rollback_sampled(
-            draft_ids, n_drafted, draft_probs, target_scores.softmax(dim=-1), settings.rollback_threshold,
+    n_drafted = drafts.n_drafted
+    k = int(n_drafted.max())  # most drafts in a row; a candidate may add one more column
+    columns = torch.arange(target_scores.shape[1], device=start.device)  # [C]
+    token_ids = state.tokens_at(start[:, None] + columns)  # [B, C] drafts, then the candidate or garbage
+    if sampling.do_sample:
+        target_probs = target_scores.softmax(dim=-1)  # [B, C, V]
+        n_accepted, is_rollback, next_ids = find_rollback_sampled(
+            token_ids[:, :k], n_drafted, drafts.probs, target_probs[:, : k + 1], settings.rollback_threshold,
             sampling.generator,
         )  # fmt: skip
-    target_ids = target_scores.argmax(dim=-1)  # [B, K+1]
-    n_accepted, is_rollback = find_rollback(
-        draft_ids, n_drafted, target_scores.log_softmax(dim=-1), target_ids, settings.rollback_threshold
-    )
-    return n_accepted, is_rollback, target_ids.gather(1, n_accepted[:, None]).squeeze(1)
+    else:
+        target_ids = target_scores.argmax(dim=-1)  # [B, C]
+        n_accepted, is_rollback = find_rollback(
+            token_ids[:, :k], n_drafted, target_scores[:, : k + 1].log_softmax(dim=-1), target_ids[:, : k + 1],
+            settings.rollback_threshold,
+        )  # fmt: skip
+        next_ids = target_ids.gather(1, n_accepted[:, None]).squeeze(1)
+    candidate_ids = token_ids.gather(1, n_drafted[:, None]).squeeze(1)  # [B]
+    is_kept = drafts.has_candidate & ~is_rollback & (candidate_ids == next_ids)
+    if bool(is_kept.any()):
+        after = (n_drafted + 1).clamp(max=target_scores.shape[1] - 1)[:, None]  # [B, 1]
+        if sampling.do_sample:
+            after_ids = sample(target_probs.gather(1, after[..., None].expand(-1, -1, target_probs.shape[-1]))[:, 0],
+                               sampling.generator)  # fmt: skip
+        else:
+            after_ids = target_ids.gather(1, after).squeeze(1)
+        n_accepted = n_accepted + is_kept.long()
+        next_ids = torch.where(is_kept, after_ids, next_ids)
+    return n_accepted, is_rollback, next_ids
 
 
 def accept(
@@ -323,38 +365,42 @@ def stop_rows(state: BatchState, rules: TokenRules, start: torch.Tensor, scores:
     state.finished |= state.lengths >= rules.max_length
 
 
-def count_round(state: BatchState, is_active, n_drafted, n_accepted, fell_back, is_rollback) -> None:
-    """Step 6: count this round in the per-row stats (forwards are counted where they happen)."""
+def count_round(state: BatchState, is_active, drafts: Drafts, n_accepted, is_rollback) -> None:
+    """Step 6: count this round in the per-row stats (forwards are counted where they happen).
+
+    A checked unsure token counts as a draft (the large model saw it), and as accepted when kept.
+    """
     stats = state.stats
-    stats.drafted += n_drafted * is_active
+    stats.drafted += (drafts.n_drafted + drafts.has_candidate) * is_active
     stats.accepted += n_accepted * is_active
-    stats.fallbacks += fell_back & is_active
+    stats.fallbacks += drafts.fell_back & is_active
     stats.rollbacks += is_rollback & is_active
+    stats.undrafted += (drafts.n_steps == 0) & is_active
 
 
 def bild_loop(
     large: Decoder, small: Decoder, caches: BildCache, state: BatchState, rules: TokenRules, sampling: Sampling,
-    settings: BildSettings, streamer=None,
+    settings: BildSettings, schedule: DraftSchedule, streamer=None,
 ) -> None:  # fmt: skip
     """Decode until every row stops, one draft -> verify -> rollback -> accept -> stop round at a time."""
     while not bool(state.finished.all()):
         is_active = ~state.finished
         start = state.lengths.clone()  # [B] index of this round's first new token
         # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
-        n_drafted, fell_back, draft_probs = draft(small, state, rules, sampling, settings)
+        drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active))
         # 2. The large model reads everything it has not seen, drafts included, in one forward
-        target_scores = verify(large, state, rules, start, n_drafted)  # [B, K+1, V]
+        target_scores = verify(large, state, rules, start, drafts)  # [B, K+1, V]
         # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
-        n_accepted, is_rollback, next_ids = find_rollback_point(
-            state, start, n_drafted, draft_probs, target_scores, sampling, settings
-        )
+        n_accepted, is_rollback, next_ids = find_rollback_point(state, start, drafts, target_scores, sampling, settings)
         # 4. Keep the accepted tokens; both caches forget the rest
         accept(state, caches, rules, start, n_accepted, next_ids)
         # 5. Stopping criteria (EOS, max length, stop strings, ...) on every new token
         stop_rows(state, rules, start, target_scores)
-        n_new = torch.where(is_active, state.lengths - start, 0)
-        count_round(state, is_active, n_drafted, torch.minimum(n_accepted, n_new), fell_back, is_rollback)
-        if streamer is not None and int(n_new[0]) > 0:
+        # 6. Count the round; the schedule learns how far this row's drafts go
+        n_accepted = torch.minimum(n_accepted, torch.where(is_active, state.lengths - start, 0))
+        count_round(state, is_active, drafts, n_accepted, is_rollback)
+        schedule.update(is_active, drafts.n_steps, drafts.n_drafted, n_accepted)
+        if streamer is not None and int(state.lengths[0] - start[0]) > 0:
             streamer.put(state.token_ids[:1, int(start[0]) : int(state.lengths[0])].cpu())
 
 
@@ -362,7 +408,7 @@ def bild_loop(
 class DecodeResult:
     sequences: torch.Tensor  # [B, T] prompt (or decoder start) + new tokens, padded after each row's end
     stats: BildStats
-    caches: BildCache | None  # None when rows were decoded one at a time
+    caches: BildCache | None  # None when rows were decoded one at a time (or a drafter's own caches)
 
 
 def decode(
@@ -402,10 +448,9 @@ def decode_batch(
     batch_size, prompt_length = inputs.input_ids.shape
     device = inputs.input_ids.device
     state = BatchState.from_prompts(inputs.input_ids, inputs.attention_mask, rules.max_length, rules.pad_token_id)
-    caches = BildCache(TrackedCache(large_model, batch_size, device), TrackedCache(small_model, batch_size, device))
-    large = Decoder(large_model, caches.large, rules.vocab_size, inputs.large_encoder_kwargs)
-    small = Decoder(small_model, caches.small, rules.vocab_size, inputs.small_encoder_kwargs)
-    bild_loop(large, small, caches, state, rules, sampling, settings, streamer)
+    large, small, caches = build_decoders(large_model, small_model, inputs, rules.vocab_size, batch_size)
+    schedule = DraftSchedule(batch_size, device, *draft_caps(settings, large_model, small_model))
+    bild_loop(large, small, caches, state, rules, sampling, settings, schedule, streamer)
 
     sequences = state.token_ids[:, : int(state.lengths.max())]
     is_after_end = torch.arange(sequences.shape[1], device=device) >= state.lengths[:, None]
@@ -414,9 +459,37 @@ def decode_batch(
     return DecodeResult(sequences, state.stats.tolist(), caches)
 
 
+def build_decoders(large_model, small_model, inputs: DecoderInputs, vocab_size: int, batch_size: int):
+    """``(large, small, caches)``: the two models as the loop sees them and the caches to roll back.
+
+    A drafter may build its own pair of decoders (e.g. one that shares layers and KV cache with the large
+    model) by defining ``bild_decoders(large_model, inputs, vocab_size, batch_size)`` with the same result:
+    decoders with `Decoder.forward`'s contract and caches with ``discard_from(keep_len)``.
+    """
+    if hasattr(small_model, "bild_decoders"):
+        return small_model.bild_decoders(large_model, inputs, vocab_size, batch_size)
+    device = inputs.input_ids.device
+    caches = BildCache(TrackedCache(large_model, batch_size, device), TrackedCache(small_model, batch_size, device))
+    large = Decoder(large_model, caches.large, vocab_size, inputs.large_encoder_kwargs)
+    small = Decoder(small_model, caches.small, vocab_size, inputs.small_encoder_kwargs)
+    return large, small, caches
+
+
+def draft_caps(settings: BildSettings, large_model, small_model) -> tuple[int | None, DraftCosts | None]:
+    """``(fixed cap, None)``, or ``(None, costs)`` for ``max_draft_tokens="auto"`` (estimated when not given)."""
+    if settings.max_draft_tokens != AUTO:
+        return settings.max_draft_tokens, None
+    if settings.draft_costs is not None:
+        return None, DraftCosts.load(settings.draft_costs)
+    return None, DraftCosts.estimate(large_model, small_model)
+
+
 def can_batch_rows(model: PreTrainedModel) -> bool:
-    """Rows with gaps need explicit position ids; encoder-decoder decoders take positions from cache slots."""
-    return not model.config.is_encoder_decoder and takes_forward_arg(model, "position_ids")
+    """Rows of a batch advance unevenly: a decoder must take explicit position ids, or place tokens relative
+    to each other (T5); encoder-decoders with absolute positions from the cache length (BART) cannot."""
+    if model.config.is_encoder_decoder:
+        return has_relative_positions(model)
+    return takes_forward_arg(model, "position_ids")
 
 
 def _select_row(kwargs: dict | None, b: int) -> dict | None:

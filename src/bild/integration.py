@@ -12,6 +12,7 @@ Private internals (the prepared special tokens) are read through `bild.compat`.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +24,23 @@ from transformers.utils import ModelOutput
 
 from .cache import BildCache
 from .compat import prepared_special_tokens
-from .config import BILD_FIELDS, BILD_MODE, BildSettings
+from .config import BILD_FIELDS, BILD_MODE, BildSettings, in_attached_generate
 from .decoding import DecoderInputs, Sampling, TokenRules, decode
 from .stats import BildStats, report
 
 MAX_PADDING_ROWS = 128  # vocabularies of one tokenizer may differ by this many padding rows (Qwen2.5: 128)
 _ASSISTANT_ATTR = "_bild_assistant_model"
+_NOT_PASSED = object()  # tells "generation_mode not given" from an explicit generation_mode=None (an opt-out)
+_COMPUTED_BY_BILD = {  # generate() arguments BiLD computes itself
+    "cache": "builds both models' caches",
+    "past_key_values": "builds both models' caches",
+    "position_ids": "computes positions from the attention mask",
+    "cache_position": "computes positions from the attention mask",
+}
+# Model inputs a BiLD call may carry: what generate() prepares for a decoding loop (BiLD reads or rebuilds it),
+# and `labels` (Seq2SeqTrainer passes them; they do not steer generation). Any other input would be dropped.
+_HANDLED_MODEL_KWARGS = {"attention_mask", "encoder_outputs", "use_cache", "logits_to_keep", "labels", *_COMPUTED_BY_BILD}
+_STOCK_HINT = "or pass generation_mode=None to decode with stock generate()."
 
 
 @dataclass
@@ -47,72 +59,148 @@ class BildGenerateOutput(ModelOutput):
 
 
 class BildGenerationMixin:
-    """Adds ``generation_mode="bild"`` to `generate()`; every other mode falls through to stock generate()."""
+    """Adds ``generation_mode="bild"`` to `generate()`; every other mode falls through to stock generate().
+
+    Pickling (``pickle``, ``torch.save``) keeps the attachment but not the small model: attach one again after
+    loading. ``copy.deepcopy`` copies the large model and shares the small one.
+    """
 
     _bild_assistant_model: PreTrainedModel | None = None
 
     def generate(
         self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
     ):
-        mode = kwargs.pop("generation_mode", None)
-        base_config = generation_config if generation_config is not None else self.generation_config
-        if mode is None:
-            mode = getattr(base_config, "generation_mode", None)
-        bild_kwargs = {name: kwargs.pop(name) for name in BILD_FIELDS if name in kwargs}
-        if mode is None:
-            if bild_kwargs:
-                raise ValueError(
-                    f"{sorted(bild_kwargs)} only apply to BiLD decoding: add generation_mode='bild' to the call."
-                )
-            return super().generate(inputs, generation_config, **kwargs)
-        if mode != BILD_MODE:
-            raise ValueError(f"Unknown generation_mode={mode!r}: use generation_mode='bild' or leave it out.")
+        mode = requested_mode(kwargs.pop("generation_mode", _NOT_PASSED), generation_config, self.generation_config)
+        with in_attached_generate():
+            if mode is None:
+                bild_only = sorted(name for name in BILD_FIELDS if name in kwargs)
+                if bild_only:
+                    raise ValueError(
+                        f"{bild_only} only apply to BiLD decoding: add generation_mode='bild' to the call."
+                    )
+                return super().generate(inputs, generation_config, **kwargs)
+            if mode != BILD_MODE:
+                raise ValueError(f"Unknown generation_mode={mode!r}: use generation_mode='bild', or None for stock.")
+            _check_prompt_length(inputs if inputs is not None else kwargs.get("input_ids"))
+            return super().generate(inputs, generation_config, **self._bild_call(generation_config, kwargs))
 
-        settings = BildSettings.from_config(base_config, **bild_kwargs)
+    def _bild_call(self, generation_config: GenerationConfig | None, kwargs: dict) -> dict:
+        """The kwargs for stock generate(): BiLD's loop as ``custom_generate``, what only BiLD reads taken out.
+
+        Settings come from the call, else the config passed in, else the model's own (like stock fields).
+        The caller's dict is not changed.
+        """
+        kwargs = dict(kwargs)
+        bild_kwargs = {name: kwargs.pop(name) for name in BILD_FIELDS if name in kwargs}
+        settings = BildSettings.from_config(generation_config, self.generation_config, **bild_kwargs)
         assistant = kwargs.pop("assistant_model", None)
         assistant = assistant if assistant is not None else self._bild_assistant_model
         if assistant is None:
             raise ValueError(
-                "BiLD needs a small model: call bild.attach(large, small) once, or pass "
+                "BiLD needs a small model: call bild.attach(large, small) (again after unpickling), or pass "
                 "generate(..., assistant_model=small)."
             )
         tokenizer = kwargs.pop("tokenizer", None)
         check_pair(self, assistant, tokenizer, kwargs.pop("assistant_tokenizer", None))
-        for name in ("cache", "past_key_values"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"BiLD builds both models' caches itself: leave `{name}` out of the call.")
+        _check_call_kwargs(kwargs)
         streamer = kwargs.pop("streamer", None)
-        generator = _check_generator(kwargs.pop("generator", None), self.device)
-        stopping_criteria, kwargs = _with_stop_strings(base_config, tokenizer, kwargs)
-        bild_decoding = functools.partial(
+        generator = _check_generator(kwargs.pop("generator", None), input_device(self))
+        stop_strings = first_set("stop_strings", kwargs, generation_config, self.generation_config)
+        kwargs["stopping_criteria"] = _with_stop_strings(kwargs.pop("stopping_criteria", None), stop_strings, tokenizer)
+        if stop_strings is not None:
+            kwargs["stop_strings"] = None  # handled above; overrides the configs without changing them
+        kwargs["custom_generate"] = functools.partial(
             _bild_decoding, assistant_model=assistant, settings=settings, streamer=streamer, generator=generator
         )
-        return super().generate(
-            inputs,
-            generation_config,
-            stopping_criteria=stopping_criteria,
-            custom_generate=bild_decoding,
-            **kwargs,
+        return kwargs
+
+    def __reduce_ex__(self, protocol):
+        # pickle and torch.save: the original class (importable by name), re-attached on load, no small model
+        state = {name: value for name, value in self.__getstate__().items() if name != _ASSISTANT_ATTR}
+        return _new_attached, (original_class(type(self)),), state
+
+    def __copy__(self):
+        copied = _new_attached(original_class(type(self)))
+        copied.__setstate__(self.__getstate__())
+        return copied
+
+    def __deepcopy__(self, memo: dict):
+        small = self._bild_assistant_model
+        if small is not None:
+            memo[id(small)] = small  # shared, not copied: the copy drafts with the same small model
+        copied = _new_attached(original_class(type(self)))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
+
+
+def requested_mode(passed: Any, *generation_configs: GenerationConfig | None) -> str | None:
+    """``generation_mode`` from the call, else from the first config that has one (an explicit None opts out)."""
+    if passed is not _NOT_PASSED:
+        return passed
+    for config in generation_configs:
+        mode = getattr(config, "generation_mode", _NOT_PASSED)
+        if mode is not _NOT_PASSED:
+            return mode
+    return None
+
+
+def first_set(name: str, kwargs: dict, *generation_configs: GenerationConfig | None) -> Any:
+    """A generation setting from the call, else from the first config that sets it (not None)."""
+    value = kwargs.get(name)
+    for config in generation_configs:
+        if value is None:
+            value = getattr(config, name, None)
+    return value
+
+
+def _check_call_kwargs(kwargs: dict) -> None:
+    """Refuse, before stock generate() prepares anything, what a BiLD call cannot take."""
+    if kwargs.get("custom_generate") is not None:
+        raise ValueError(
+            "generation_mode='bild' runs BiLD's own decoding loop, so it cannot also run your `custom_generate`: "
+            "pass generation_mode=None to run custom_generate instead."
+        )
+    for name, reason in _COMPUTED_BY_BILD.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"BiLD {reason} itself: leave `{name}` out of the call, {_STOCK_HINT}")
+    if kwargs.get("synced_gpus"):
+        raise ValueError(f"BiLD runs on one device: leave synced_gpus out, {_STOCK_HINT}")
+    _check_cache_implementation(kwargs.get("cache_implementation"))  # "paged" would reroute before the loop
+
+
+def _check_cache_implementation(cache_implementation: str | None) -> None:
+    if cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"generation_mode='bild' does not support cache_implementation={cache_implementation!r}: BiLD builds "
+            f"dynamic caches for both models. Leave cache_implementation out, {_STOCK_HINT}"
         )
 
 
-def _with_stop_strings(
-    base_config: GenerationConfig, tokenizer, kwargs: dict
-) -> tuple[StoppingCriteriaList, dict]:
-    """The call's stopping criteria plus a stop-string criterion, and the kwargs without them.
+def _check_prompt_length(prompt_ids: torch.Tensor | None) -> None:
+    """Refuse an empty prompt (`(batch_size, 0)`) before stock generate() runs an encoder over it."""
+    if isinstance(prompt_ids, torch.Tensor) and prompt_ids.shape[-1] == 0:
+        raise _no_prompt_error("the prompt")
 
-    Built here because generate() does not hand a custom callable its `tokenizer`. The caller's dict is
-    not changed.
+
+def _no_prompt_error(whose: str) -> ValueError:
+    return ValueError(
+        f"BiLD continues a prompt, but {whose} has no tokens: give every prompt at least one token, e.g. start "
+        "it with tokenizer.bos_token_id (or the chat template's first token)."
+    )
+
+
+def _with_stop_strings(stopping_criteria, stop_strings, tokenizer) -> StoppingCriteriaList:
+    """The call's stopping criteria plus a stop-string criterion.
+
+    Built here because generate() does not hand a custom callable its `tokenizer`.
     """
-    kwargs = dict(kwargs)
-    stopping_criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
-    stop_strings = kwargs.get("stop_strings", getattr(base_config, "stop_strings", None))
+    stopping_criteria = StoppingCriteriaList(stopping_criteria or [])
     if stop_strings is not None:
         if tokenizer is None:
             raise ValueError("`stop_strings` need the tokenizer: pass generate(..., tokenizer=tokenizer).")
         stopping_criteria.append(StopStringCriteria(tokenizer, stop_strings))
-        kwargs["stop_strings"] = None  # already handled; overrides the config without changing it
-    return stopping_criteria, kwargs
+    return stopping_criteria
 
 
 def _bild_decoding(
@@ -131,6 +219,7 @@ def _bild_decoding(
 ):
     """The `custom_generate` callable: generate() has prepared everything; run the BiLD loop."""
     _check_generation_config(generation_config, input_ids.shape[0], streamer)
+    _check_model_kwargs(model_kwargs)
     inputs = DecoderInputs(input_ids, model_kwargs.get("attention_mask"))
     if model.config.is_encoder_decoder:
         inputs.large_encoder_kwargs = {
@@ -162,28 +251,67 @@ def _bild_decoding(
     return result.sequences
 
 
+def _unsupported_options(config: GenerationConfig) -> list[tuple[str, bool, str]]:
+    """(option, whether it is set, what to do instead) for each generate() option BiLD cannot honour."""
+    other_modes = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp", "dola_layers")
+    set_modes = [name for name in other_modes if getattr(config, name, None)]
+    decode_greedily = "BiLD decodes greedily or by sampling (do_sample=True): drop that option,"
+    return [
+        (f"num_beams={config.num_beams} (beam search)", config.num_beams > 1, decode_greedily),
+        (
+            "constraints / force_words_ids (constrained beam search)",
+            getattr(config, "constraints", None) is not None or getattr(config, "force_words_ids", None) is not None,
+            decode_greedily,
+        ),
+        ("penalty_alpha (contrastive search)", bool(getattr(config, "penalty_alpha", None)), decode_greedily),
+        (
+            f"num_return_sequences={config.num_return_sequences}",
+            config.num_return_sequences > 1,
+            "for several outputs per prompt, repeat the prompt in the batch,",
+        ),
+        ("output_scores / output_logits", bool(config.output_scores or config.output_logits), "drop them,"),
+        (
+            "output_attentions / output_hidden_states",
+            bool(config.output_attentions or config.output_hidden_states),
+            "drop them,",
+        ),
+        (f"{' / '.join(set_modes)} (another decoding mode)", bool(set_modes), "drop it,"),
+        (
+            "guidance_scale (classifier-free guidance)",
+            getattr(config, "guidance_scale", None) not in (None, 1),
+            "drop it,",
+        ),
+        ("prefill_chunk_size (chunked prefill)", getattr(config, "prefill_chunk_size", None) is not None, "drop it,"),
+        ("token_healing", bool(getattr(config, "token_healing", None)), "drop it,"),
+    ]
+
+
 def _check_generation_config(config: GenerationConfig, batch_size: int, streamer) -> None:
     """Refuse, with the alternative, what BiLD decoding does not support yet."""
-    unsupported = {
-        f"num_beams={config.num_beams} (beam search)": config.num_beams > 1,
-        "constraints / force_words_ids (constrained beam search)": (
-            getattr(config, "constraints", None) is not None or getattr(config, "force_words_ids", None) is not None
-        ),
-        "penalty_alpha (contrastive search)": bool(getattr(config, "penalty_alpha", None)),
-        f"num_return_sequences={config.num_return_sequences}": config.num_return_sequences > 1,
-        "output_scores / output_logits": config.output_scores or config.output_logits,
-        "output_attentions / output_hidden_states": config.output_attentions or config.output_hidden_states,
-    }
-    for option, is_set in unsupported.items():
+    for option, is_set, instead in _unsupported_options(config):
         if is_set:
-            raise ValueError(
-                f"generation_mode='bild' does not support {option}: BiLD decodes one sequence per input, greedily "
-                "or by sampling (do_sample=True). Drop that option (for several samples per prompt, repeat the "
-                "prompt in the batch), or leave generation_mode out to use stock generate()."
-            )
+            raise ValueError(f"generation_mode='bild' does not support {option}: {instead} {_STOCK_HINT}")
+    _check_cache_implementation(config.cache_implementation)
     if streamer is not None and batch_size > 1:
         raise ValueError(
             "Streaming supports batch size 1 (like stock generate()): pass one prompt at a time."
+        )
+
+
+def _check_model_kwargs(model_kwargs: dict) -> None:
+    """Refuse model inputs the loop would silently drop: it feeds both models token ids and masks only."""
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "BiLD needs the prompt as token ids (`input_ids`), not `inputs_embeds`: the small model cannot read "
+            f"the large model's embeddings. Pass input_ids, {_STOCK_HINT}"
+        )
+    dropped = sorted(
+        name for name, value in model_kwargs.items() if value is not None and name not in _HANDLED_MODEL_KWARGS
+    )
+    if dropped:
+        raise ValueError(
+            f"BiLD feeds both models token ids and attention masks only, so it cannot use {dropped}: leave them "
+            f"out, {_STOCK_HINT}"
         )
 
 
@@ -202,6 +330,7 @@ def _check_generator(generator, device: torch.device) -> torch.Generator | None:
 
 
 def _check_left_padding(attention_mask: torch.Tensor | None) -> None:
+    """Decoder-only prompts must be left-padded, each with at least one real token."""
     if attention_mask is None:
         return
     n_pads = (attention_mask == 0).sum(dim=1, keepdim=True)
@@ -210,14 +339,13 @@ def _check_left_padding(attention_mask: torch.Tensor | None) -> None:
         raise ValueError(
             "BiLD needs left-padded prompts for decoder-only models: set tokenizer.padding_side = 'left'."
         )
+    empty_rows = (n_pads[:, 0] == attention_mask.shape[1]).nonzero().flatten().tolist()
+    if empty_rows:
+        raise _no_prompt_error(f"the prompt of batch row(s) {empty_rows}")
 
 
-def _run_encoder(model: PreTrainedModel, inputs_tensor: torch.Tensor | None, attention_mask) -> dict:
+def _run_encoder(model: PreTrainedModel, inputs_tensor: torch.Tensor, attention_mask) -> dict:
     """The small model runs its own encoder once over the same input ids."""
-    if inputs_tensor is None or inputs_tensor.dtype != torch.long:
-        raise ValueError(
-            "BiLD with encoder-decoder models needs token ids as input (`input_ids`), not embeddings."
-        )
     encoder_outputs = model.get_encoder()(
         input_ids=inputs_tensor, attention_mask=attention_mask, return_dict=True
     )
@@ -246,10 +374,11 @@ def check_pair(
             f"The large model is {kinds[large.config.is_encoder_decoder]} but the small model is "
             f"{kinds[small.config.is_encoder_decoder]}: BiLD needs two models of the same kind."
         )
-    if large.device != small.device:
+    large_device, small_device = input_device(large), input_device(small)
+    if large_device != small_device:
         raise ValueError(
-            f"The large model is on {large.device} and the small model on {small.device}: move both to one device, "
-            f"e.g. small.to({str(large.device)!r})."
+            f"The large model takes its inputs on {large_device} and the small model on {small_device}: put the "
+            f"small model on the large model's first device, e.g. small.to({str(large_device)!r})."
         )
     large_vocab, small_vocab = vocab_size(large), vocab_size(small)
     if abs(large_vocab - small_vocab) > MAX_PADDING_ROWS:
@@ -260,6 +389,16 @@ def check_pair(
         )
     if tokenizer is not None and assistant_tokenizer is not None:
         check_tokenizers(tokenizer, assistant_tokenizer)
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where a model takes its input ids: its embedding's device, or accelerate's execution device for a model
+    dispatched with ``device_map="auto"`` (whose embedding may be offloaded)."""
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return embeddings.weight.device
 
 
 def check_tokenizers(tokenizer, assistant_tokenizer) -> None:
@@ -303,5 +442,16 @@ def detach(model: PreTrainedModel) -> PreTrainedModel:
     """Undo `attach`: the model's original class back, the small model dropped."""
     if isinstance(model, BildGenerationMixin):
         model.__dict__.pop(_ASSISTANT_ATTR, None)
-        model.__class__ = next(c for c in type(model).__mro__[1:] if not issubclass(c, BildGenerationMixin))
+        model.__class__ = original_class(type(model))
     return model
+
+
+def original_class(cls: type) -> type:
+    """The model class `attach` derived ``cls`` from (``cls`` itself when it is not an attached class)."""
+    return next(c for c in cls.__mro__ if not issubclass(c, BildGenerationMixin))
+
+
+def _new_attached(model_class: type) -> PreTrainedModel:
+    """An empty attached instance of ``model_class`` for pickle and copy to fill in (no small model yet)."""
+    attached_class = _bild_class(model_class)
+    return attached_class.__new__(attached_class)

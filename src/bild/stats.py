@@ -23,11 +23,11 @@ class BildStats:
     generated: Sequence[int] = field(default_factory=list)  # new tokens in the output (EOS included)
     small_forwards: Sequence[int] = field(default_factory=list)  # small-model forwards that advanced the row
     large_forwards: Sequence[int] = field(default_factory=list)  # large-model forwards (= rounds) of the row
-    drafted: Sequence[int] = field(default_factory=list)  # drafts proposed (the dropped unconfident one is not)
+    drafted: Sequence[int] = field(default_factory=list)  # drafts the large model checked (see verify_fallback_token)
     accepted: Sequence[int] = field(default_factory=list)  # drafts kept after verification
     fallbacks: Sequence[int] = field(default_factory=list)  # rounds ended by low small-model confidence
     rollbacks: Sequence[int] = field(default_factory=list)  # rounds in which a draft was rolled back
-    undrafted: Sequence[int] = field(default_factory=list)  # rounds in which the small model was not run
+    undrafted: Sequence[int] = field(default_factory=list)  # rounds without a small forward (max_draft_tokens="auto")
 
     @classmethod
     def zeros(cls, batch_size: int, device: torch.device | None = None) -> BildStats:

@@ -12,6 +12,7 @@ import yaml
 
 from bild.bench.machine import DEVICES, DTYPES
 from bild.config import BILD_FIELDS, BildSettings, is_real
+from bild.drafters import QUANTIZATIONS
 
 METHOD_NAMES = ("large", "small", "assisted", "bild")
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
@@ -22,6 +23,7 @@ METHOD_KEYS = {
     "bild": BILD_FIELDS,
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
+DRAFTER_KEYS = ("model", "quantization", "vocab_size")  # see bild.compress_drafter
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,12 @@ class MethodSpec:
     name: str
     params: dict = field(default_factory=dict)
     label: str = ""
+    drafter: str | None = None  # a name from the config's `drafters`; None: the plain small model
 
     def __post_init__(self):
         if not self.label:
-            object.__setattr__(self, "label", default_label(self.name, self.params))
+            suffix = f" [{self.drafter}]" if self.drafter else ""
+            object.__setattr__(self, "label", default_label(self.name, self.params) + suffix)
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,10 @@ class BenchConfig:
     chat: bool = False
     prefix: str | None = None
     limit: int | None = None
+    skip: int = 0  # examples passed over before the first one used (calibration uses a later slice)
     threads: int | None = None
     stop_strings: tuple[str, ...] = ()
+    drafters: dict = field(default_factory=dict)  # name -> {model, quantization, vocab_size}
     methods: tuple[MethodSpec, ...] = ()
 
     def replace(self, **overrides: Any) -> BenchConfig:
@@ -64,7 +70,10 @@ class BenchConfig:
     def to_dict(self) -> dict:
         """Plain data, as it would be written in YAML (methods as dicts)."""
         values = dataclasses.asdict(self)
-        values["methods"] = [{"name": m.name, **m.params, "label": m.label} for m in self.methods]
+        values["methods"] = [
+            {"name": m.name, **m.params, "label": m.label, **({"drafter": m.drafter} if m.drafter else {})}
+            for m in self.methods
+        ]
         values["stop_strings"] = list(self.stop_strings)
         return values
 
@@ -103,14 +112,40 @@ def parse_config(raw: Any, source: str = "config") -> BenchConfig:
     for key in ("limit", "threads"):
         if values.get(key) is not None:
             values[key] = _positive_int(source, key, values[key])
+    skip = values.get("skip", 0)
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"{source}: `skip` must be a number of examples >= 0, got {skip!r}.")
     if not isinstance(values.get("chat", False), bool):
         raise ValueError(f"{source}: `chat` must be true or false, got {values['chat']!r}.")
     for key in ("data", "prefix"):
         if values.get(key) is not None and not isinstance(values[key], str):
             raise ValueError(f"{source}: `{key}` must be a string or left out, got {values[key]!r}.")
     values["stop_strings"] = _string_list(source, "stop_strings", values.get("stop_strings") or [])
+    values["drafters"] = parse_drafters(values.get("drafters") or {}, source)
     values["methods"] = parse_methods(values.get("methods", list(DEFAULT_METHODS)), source)
+    unknown = sorted({m.drafter for m in values["methods"] if m.drafter and m.drafter not in values["drafters"]})
+    if unknown:
+        raise ValueError(f"{source}: methods name drafter(s) {unknown} that `drafters` does not define.")
     return BenchConfig(**values)
+
+
+def parse_drafters(raw: Any, source: str) -> dict:
+    """``{name: {model: <folder or hub id>, quantization: int8|int4|null, vocab_size: N}}``, validated."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: `drafters` must map names to drafter settings, got {raw!r}.")
+    drafters = {}
+    for name, entry in raw.items():
+        entry = {} if entry is None else entry
+        unknown = sorted(set(entry) - set(DRAFTER_KEYS)) if isinstance(entry, dict) else None
+        if not isinstance(name, str) or unknown is None or unknown:
+            raise ValueError(f"{source}: drafter {name!r} must be a mapping with keys from {list(DRAFTER_KEYS)}, "
+                             f"got {entry!r}.")  # fmt: skip
+        if entry.get("quantization") not in QUANTIZATIONS:
+            raise ValueError(f"{source}: drafter {name!r}: `quantization` must be one of {list(QUANTIZATIONS)}.")
+        if entry.get("vocab_size") is not None:
+            _positive_int(source, f"drafters.{name}.vocab_size", entry["vocab_size"])
+        drafters[name] = dict(entry)
+    return drafters
 
 
 def parse_methods(raw: Any, source: str = "config") -> tuple[MethodSpec, ...]:
@@ -138,7 +173,7 @@ def parse_method(raw: Any, source: str = "config") -> MethodSpec:
             f"{source}: unknown method {name!r} in `methods`; allowed names: {list(METHOD_NAMES)}."
         )
     name = entry["name"]
-    params = {k: v for k, v in entry.items() if k not in ("name", "label")}
+    params = {k: v for k, v in entry.items() if k not in ("name", "label", "drafter")}
     unknown = sorted(set(params) - set(METHOD_KEYS[name]))
     if unknown:
         raise ValueError(
@@ -149,7 +184,10 @@ def parse_method(raw: Any, source: str = "config") -> MethodSpec:
     if not isinstance(label, str):
         raise ValueError(f"{source}: `label` of method {name!r} must be a string, got {label!r}.")
     check = _check_bild if name == "bild" else _check_assisted if name == "assisted" else None
-    return MethodSpec(name, check(params, source) if check else {}, label)
+    drafter = entry.get("drafter")
+    if drafter is not None and (name == "large" or not isinstance(drafter, str)):
+        raise ValueError(f"{source}: `drafter` is a drafter name for small, assisted or bild methods, got {drafter!r}.")
+    return MethodSpec(name, check(params, source) if check else {}, label, drafter)
 
 
 def _check_bild(params: dict, source: str) -> dict:
@@ -184,9 +222,11 @@ def _check_assisted(params: dict, source: str) -> dict:
 
 
 def default_label(name: str, params: dict) -> str:
-    """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts), ``assisted(n=5, constant, c=0.4)``, or the name."""
+    """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; ``+v``: the unsure token is checked),
+    ``assisted(n=5, constant, c=0.4)``, or the name."""
     if name == "bild" and params:
-        return f"bild({params['fallback_threshold']:g}, {params['rollback_threshold']:g}, {params['max_draft_tokens']})"
+        checked = "+v" if params.get("verify_fallback_token") else ""
+        return f"bild({params['fallback_threshold']:g}, {params['rollback_threshold']:g}, {params['max_draft_tokens']}{checked})"
     if name == "assisted" and params:
         parts = []
         if "num_assistant_tokens" in params:

@@ -1,4 +1,6 @@
-"""The ``bild`` command line: ``generate`` (BiLD on a few prompts), ``bench`` (methods compared), ``sweep`` (a grid)."""
+"""The ``bild`` command line: ``generate`` (BiLD on a few prompts), ``bench`` (methods compared), ``sweep`` (a grid),
+``calibrate`` (the fastest thresholds within a quality budget), ``align`` (fine-tune a drafter on the large model's
+outputs)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from bild.bench.align_cli import add_align_parser
 from bild.bench.bench_config import BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
+from bild.bench.calibrate_cli import add_calibrate_parser
 from bild.bench.loading import load_pair
 from bild.bench.machine import DEVICES, DTYPES, clock, resolve_device, resolve_dtype
 from bild.bench.methods import greedy_kwargs, new_token_ids
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bild",
         description="Big Little Decoder (BiLD): generate with it, benchmark it, sweep its thresholds.",
     )
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{generate,bench,sweep}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{generate,bench,sweep,calibrate,align}")
     _add_generate_parser(verbs)
     _add_run_parser(verbs, "bench", "compare large, small, assisted and BiLD on a task", run_bench_verb)
     sweep = _add_run_parser(
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rollback", default=DEFAULT_ROLLBACKS, help=f"rollback thresholds ({DEFAULT_ROLLBACKS})"
     )
     sweep.add_argument("--max-draft-tokens", type=int, help="N for every grid point (default: the config's)")
+    add_calibrate_parser(verbs)
+    add_align_parser(verbs)
     return parser
 
 
@@ -170,6 +176,8 @@ def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: i
 
 def _run_and_report(config: BenchConfig, args, out_dir: Path, *, plot: bool) -> int:
     results = run_bench(config, progress=not args.quiet, config_file=str(args.config))
+    if results is None:  # not the main process of a multi-process run: the main one writes and prints
+        return 0
     paths = write_results(results, out_dir)
     print(markdown_table(results))
     for note in results["notes"]:
@@ -213,7 +221,8 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 
 def bild_settings(args) -> BildSettings:
     """`bild.BildSettings` from the options given; the others keep the core defaults."""
-    return BildSettings(**{name: getattr(args, name) for name in BILD_FIELDS if getattr(args, name) is not None})
+    given = {name: getattr(args, name, None) for name in BILD_FIELDS}  # fields without an option stay unset
+    return BildSettings(**{name: value for name, value in given.items() if value is not None})
 
 
 def generate_one(pair, prompt: str, settings, *, chat: bool, max_new_tokens: int):

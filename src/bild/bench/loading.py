@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import bild
-from bild.bench.paths import resolve_model
-from bild.integration import check_tokenizers
+from bild.bench.paths import bild_home, resolve_model
+from bild.drafters import compress_drafter
+from bild.integration import check_pair, check_tokenizers
 
-PREPARE_HINT = "Offline, `python scripts/prepare_models.py` prepares the default pair under ~/.cache/bild/models."
+PREPARE_HINT = "Offline, `python scripts/prepare_models.py` prepares the default pair under {models}."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
 
 
@@ -25,10 +27,15 @@ class ModelPair:
     tokenizer: object
     eos_token_ids: list[int]
     pad_token_id: int
+    drafters: dict[str, torch.nn.Module] = field(default_factory=dict)  # other small models, by config name
 
     @property
     def is_encoder_decoder(self) -> bool:
         return bool(self.large.config.is_encoder_decoder)
+
+    def drafter(self, name: str | None) -> torch.nn.Module:
+        """The drafter called ``name`` in the config, or the plain small model for None."""
+        return self.small if name is None else self.drafters[name]
 
 
 @dataclass
@@ -44,12 +51,14 @@ class Batch:
         return Batch(self.indices[:1], dict(self.rows[0]), self.rows[:1])
 
 
-def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, *, attach: bool) -> ModelPair:
+def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, *, attach: bool,
+              drafters: dict | None = None) -> ModelPair:  # fmt: skip
     """Both models (hub ids or folders, resolved with `resolve_model`) and the large model's tokenizer.
 
     ``attach``: make the large model understand ``generation_mode="bild"`` with the small one as assistant.
+    ``drafters``: further small models by name (see `load_drafter`).
     """
-    large_path, small_path = resolve_model(large), resolve_model(small)
+    large_path, small_path = resolve_existing(large), resolve_existing(small)
     is_encoder_decoder = _load("config of", large_path, AutoConfig.from_pretrained).is_encoder_decoder
     auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
     models = [
@@ -69,9 +78,40 @@ def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, 
         {*([] if eos is None else [eos] if isinstance(eos, int) else eos), tokenizer.eos_token_id} - {None}
     )
     pair = ModelPair(models[0], models[1], tokenizer, eos_ids, tokenizer.pad_token_id)
+    pair.drafters = {name: load_drafter(pair, entry, auto_class, dtype) for name, entry in (drafters or {}).items()}
     if attach:
         bild.attach(pair.large, pair.small)
     return pair
+
+
+def load_drafter(pair: ModelPair, entry: dict, auto_class, dtype: torch.dtype) -> torch.nn.Module:
+    """A drafter from a config's ``drafters`` entry: ``model`` (default: a copy of the small model), then
+    `bild.compress_drafter` with its ``quantization`` and ``vocab_size`` when either is given."""
+    if entry.get("model"):
+        path = resolve_model(entry["model"])
+        drafter = _load("model", path, auto_class.from_pretrained, dtype=dtype).to(pair.large.device).eval()
+        check_pair(pair.large, drafter, pair.tokenizer, saved_tokenizer(path))
+    else:
+        drafter = copy.deepcopy(pair.small)
+    if entry.get("quantization") or entry.get("vocab_size"):
+        compress_drafter(drafter, quantization=entry.get("quantization"), vocab_size=entry.get("vocab_size"))
+    return drafter
+
+
+def resolve_existing(name: str) -> str:
+    """`resolve_model`, with a clear error for a folder path (not a hub id) that does not exist."""
+    path = resolve_model(name)
+    looks_like_folder = name.startswith(("/", ".", "~")) or name.count("/") > 1  # a hub id is owner/name
+    if looks_like_folder and not Path(path).expanduser().is_dir():
+        raise ValueError(
+            f"Model folder {name!r} does not exist: pass an existing folder, a hub id (owner/name) or the name of "
+            f"a prepared model. {_prepare_hint()}"
+        )
+    return path
+
+
+def _prepare_hint() -> str:
+    return PREPARE_HINT.format(models=bild_home() / "models")
 
 
 def saved_tokenizer(path: str):
@@ -95,7 +135,8 @@ def _load(what: str, path: str, loader, **kwargs):
         return loader(path, **kwargs)
     except (OSError, ValueError) as err:
         where = "folder" if Path(path).is_dir() else "hub id"
-        raise ValueError(f"Could not load the {what} {where} {path!r}: {err}\n{PREPARE_HINT}") from err
+        note = "" if Path(path).is_dir() else " (no folder or prepared model has that name)"
+        raise ValueError(f"Could not load the {what} {where} {path!r}{note}: {err}\n{_prepare_hint()}") from err
 
 
 def make_batches(prompts: list[str], pair: ModelPair, batch_size: int, device: torch.device, *, chat: bool):

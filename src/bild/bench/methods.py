@@ -52,14 +52,15 @@ def generate(
     kwargs = greedy_kwargs(pair, max_new_tokens)
     if stopping_criteria:
         kwargs["stopping_criteria"] = stopping_criteria
+    small = pair.drafter(spec.drafter)
     if spec.name in ("large", "small"):
-        model = pair.large if spec.name == "large" else pair.small
+        model = pair.large if spec.name == "large" else small
         out = model.generate(**batch.inputs, **kwargs)
         return Generated(new_token_ids(pair, batch.inputs, out.sequences))
     if spec.name == "assisted":
-        return Generated([ids for row in batch.rows for ids in _assisted(spec, pair, row, kwargs)])
+        return Generated([ids for row in batch.rows for ids in _assisted(spec, pair, small, row, kwargs)])
     if spec.name == "bild":
-        out = pair.large.generate(**batch.inputs, **kwargs, generation_mode="bild", **spec.params)
+        out = pair.large.generate(**batch.inputs, **kwargs, generation_mode="bild", assistant_model=small, **spec.params)
         return Generated(new_token_ids(pair, batch.inputs, out.sequences), out.bild_stats)
     raise ValueError(f"Unknown method {spec.name!r}.")
 
@@ -88,20 +89,20 @@ def greedy_kwargs(pair: ModelPair, max_new_tokens: int) -> dict:
     )
 
 
-def _assisted(spec: MethodSpec, pair: ModelPair, row: dict, kwargs: dict) -> list[list[int]]:
+def _assisted(spec: MethodSpec, pair: ModelPair, small, row: dict, kwargs: dict) -> list[list[int]]:
     """Stock assisted generation of one row; its draft settings live in the small model's generation config.
 
     The small model's generation config is restored afterwards, so a heuristic schedule starts afresh for
     every example (stock generate() would carry the adapted draft length into the next call).
     """
-    saved = pair.small.generation_config
-    pair.small.generation_config = copy.deepcopy(saved)
+    saved = small.generation_config
+    small.generation_config = copy.deepcopy(saved)
     try:
         for key, value in spec.params.items():
-            setattr(pair.small.generation_config, key, value)
-        out = pair.large.generate(**row, **kwargs, assistant_model=pair.small)
+            setattr(small.generation_config, key, value)
+        out = pair.large.generate(**row, **kwargs, assistant_model=small)
     finally:
-        pair.small.generation_config = saved
+        small.generation_config = saved
     return new_token_ids(pair, row, out.sequences)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from bild.bench import distributed
 from bild.bench.bench_config import BenchConfig, MethodSpec
 from bild.bench.loading import Batch, ModelPair, load_pair, make_batches
 from bild.bench.machine import clock, environment, resolve_device, resolve_dtype
@@ -38,14 +39,19 @@ def rotated(methods: tuple[MethodSpec, ...], step: int) -> list[MethodSpec]:
 
 
 def run_methods(config: BenchConfig, pair: ModelPair, batches: list[Batch], *, progress: bool = True):
-    """Warm every method up, then run each batch through every method (rotating the order) and time it."""
+    """Warm every method up, then run each batch through every method (rotating the order) and time it.
+
+    With several processes, each runs its contiguous share of ``batches`` (`distributed.shard`); the order
+    of methods still rotates by the batch's place in ``batches``.
+    """
     device = pair.large.device
     records = {spec.label: MethodRecord() for spec in config.methods}
     stopping = stop_string_criteria(pair, config.stop_strings)
     with torch.inference_mode():
         for spec in tqdm(config.methods, desc="warm-up", disable=not progress, leave=False):
             generate(spec, pair, batches[0].first_row(), min(WARMUP_TOKENS, config.max_new_tokens), stopping)
-        for step, batch in enumerate(tqdm(batches, desc="examples", unit="batch", disable=not progress)):
+        shared = distributed.shard(list(enumerate(batches)))
+        for step, batch in tqdm(shared, desc="examples", unit="batch", disable=not progress):
             for spec in rotated(config.methods, step):
                 timed_call(spec, pair, batch, config.max_new_tokens, stopping, records[spec.label], device)
     return records
@@ -55,7 +61,7 @@ def timed_call(
     spec: MethodSpec, pair, batch: Batch, max_new_tokens: int, stopping, record: MethodRecord, device
 ) -> None:
     """One timed method call; stores its outputs, wall time and forward counts in ``record``."""
-    with count_forwards({"large": pair.large, "small": pair.small}) as counts:
+    with count_forwards({"large": pair.large, "small": pair.drafter(spec.drafter)}) as counts:
         start = clock(device)
         out: Generated = generate(spec, pair, batch, max_new_tokens, stopping)
         wall_s = clock(device) - start
@@ -69,21 +75,29 @@ def timed_call(
     )  # fmt: skip
 
 
-def run_bench(config: BenchConfig, *, progress: bool = True, config_file: str | None = None) -> dict:
-    """The whole benchmark in one process: load, generate with every method, score; returns the results."""
+def run_bench(config: BenchConfig, *, progress: bool = True, config_file: str | None = None) -> dict | None:
+    """The whole benchmark: load, generate with every method, score; returns the results.
+
+    Under `accelerate launch` each process generates its share of the batches and the main process merges,
+    scores and returns the results; the other processes return None.
+    """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     task = get_task(config.task)
-    examples = task.load(config.data, config.limit)
+    limit = None if config.limit is None else config.skip + config.limit
+    examples = task.load(config.data, limit)[config.skip :]
     if not examples:
         raise ValueError(f"No examples in data {config.data!r} for task {config.task!r}.")
-    device = resolve_device(config.device)
+    device = distributed.process_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     is_bild = any(spec.name == "bild" for spec in config.methods)
-    pair = load_pair(config.large, config.small, device, dtype, attach=is_bild)
+    pair = load_pair(config.large, config.small, device, dtype, attach=is_bild, drafters=config.drafters)
     prompts = [task.prompt(ex, pair.tokenizer, chat=config.chat, prefix=config.prefix) for ex in examples]
     batches = make_batches(prompts, pair, config.batch_size, device, chat=config.chat)
-    records = run_methods(config, pair, batches, progress=progress)
+    progress = progress and distributed.is_main_process()
+    records = distributed.gather_records(run_methods(config, pair, batches, progress=progress))
+    if records is None:
+        return None
 
     texts = {
         label: [
@@ -98,10 +112,13 @@ def run_bench(config: BenchConfig, *, progress: bool = True, config_file: str | 
     summaries = summarize(config, task, examples, records, predictions)
     return {
         "config": {**config.to_dict(), "config_file": config_file},
-        "environment": environment(device, dtype, config.batch_size),
+        "environment": {
+            **environment(device, dtype, config.batch_size),
+            "processes": distributed.num_processes(),
+        },
         "task": {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better},
         "n_examples": len(examples),
-        "notes": notes(config),
+        "notes": notes(config) + distributed.notes(),
         "methods": summaries,
         "examples": per_example(examples, prompts, records, texts, predictions, large_label(config)),
     }

@@ -1,0 +1,97 @@
+"""``bild calibrate``: the fastest BiLD thresholds within a quality budget, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bild.bench.bench_config import load_config, parse_float_list
+from bild.bench.machine import DEVICES, DTYPES
+from bild.calibration import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_FALLBACKS,
+    DEFAULT_HELD_OUT,
+    DEFAULT_ROLLBACKS,
+    SPEEDS,
+    calibrate,
+    config_draft_caps,
+    make_grid,
+)
+from bild.schedule import AUTO
+
+
+def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
+    """Add the ``calibrate`` verb to the ``bild`` command line's subparsers."""
+    sub = verbs.add_parser(
+        "calibrate",
+        help="the fastest BiLD setting within a quality budget, confirmed on held-out examples",
+        description="Search BiLD settings (fallback x rollback x max draft tokens) on a calibration slice of a "
+        "benchmark config's data, pick the fastest one within the budget, confirm it on the next, held-out "
+        "examples with a paired bootstrap interval, and write generation_config.json (bild.BildGenerationConfig), "
+        "calibration.json, calibration.md and pareto.png. Exit status 0: confirmed on the held-out slice; 1: "
+        "written, but not confirmed or violated there; 2: a mistake, or no setting within budget.",
+    )  # fmt: skip
+    sub.add_argument("--config", required=True, type=Path, help="benchmark YAML, e.g. configs/qwen-coder-de-en.yaml")
+    sub.add_argument(
+        "--budget", required=True,
+        help="METRIC>=-DELTA: the task metric within DELTA of large's (e.g. chrf>=-1; pass@1>=0: equal to large); "
+        "agreement>=FRACTION: outputs equal to large's greedy tokens on that fraction of examples (no references)",
+    )  # fmt: skip
+    sub.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION,
+                     help=f"examples searched on (default {DEFAULT_CALIBRATION})")  # fmt: skip
+    sub.add_argument("--held-out", type=int, default=DEFAULT_HELD_OUT,
+                     help=f"the next examples, that confirm the choice (default {DEFAULT_HELD_OUT})")  # fmt: skip
+    sub.add_argument("--skip", type=int, help="pass over the first K examples (default: the config's skip)")
+    fallbacks, rollbacks = _join(DEFAULT_FALLBACKS), _join(DEFAULT_ROLLBACKS)
+    sub.add_argument("--fallback", default=fallbacks, help=f"fallback thresholds ({fallbacks})")
+    sub.add_argument("--rollback", default=rollbacks, help=f"rollback thresholds, inf allowed ({rollbacks}; 0: lossless)")
+    sub.add_argument("--max-draft-tokens", help="comma-separated caps, 'auto' allowed (default: the config's)")
+    sub.add_argument("--speed", choices=SPEEDS, default="calls",
+                     help="calls: model-call counts priced with bild.DraftCosts (default, deterministic); wall: wall "
+                     "time")  # fmt: skip
+    sub.add_argument("--draft-costs", type=Path, help="measured DraftCosts JSON (scripts/profile_pair.py --save)")
+    sub.add_argument("--confidence", type=float, default=0.9, help="two-sided bootstrap interval (default 0.9)")
+    sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    sub.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    sub.add_argument("--out", type=Path, help="output folder (default runs/<config name>-calibrate)")
+    sub.add_argument("--batch-size", type=int)
+    sub.add_argument("--max-new-tokens", type=int)
+    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_argument("--device", help=f"{', '.join(DEVICES)} or cuda:N")
+    sub.add_argument("--dtype", help=f"{', '.join(DTYPES)} (auto: bfloat16 where it is native)")
+    sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    sub.set_defaults(run=run_calibrate)
+    return sub
+
+
+def run_calibrate(args) -> int:
+    """Calibrate, print the summary; returns 0 when the held-out slice confirms the budget, else 1."""
+    config = load_config(args.config).replace(
+        skip=args.skip, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, threads=args.threads,
+    )  # fmt: skip
+    caps = parse_draft_caps(args.max_draft_tokens) if args.max_draft_tokens else config_draft_caps(config)
+    fallbacks, rollbacks = parse_float_list(args.fallback, "--fallback"), parse_float_list(args.rollback, "--rollback")
+    grid = make_grid(fallbacks, rollbacks, caps)
+    out_dir = args.out or Path("runs") / f"{args.config.stem}-calibrate"
+    result = calibrate(
+        config, args.budget, grid=grid, calibration=args.calibration, held_out=args.held_out, out_dir=out_dir,
+        speed=args.speed, draft_costs=args.draft_costs, confidence=args.confidence, n_bootstrap=args.bootstrap,
+        seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    print(result.summary())
+    names = ("generation_config.json", "calibration.json", "calibration.md", "pareto.png")
+    print("wrote " + ", ".join(str(out_dir / name) for name in names))
+    return 0 if result.is_confirmed else 1
+
+
+def parse_draft_caps(text: str) -> list[int | str]:
+    """``"4,10,auto"`` -> ``[4, 10, "auto"]``; ValueError on anything but positive integers and ``auto``."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or not all(item == AUTO or (item.isdigit() and int(item) > 0) for item in items):
+        raise ValueError(f"--max-draft-tokens: expected comma-separated integers >= 1 or 'auto', got {text!r}.")
+    return [item if item == AUTO else int(item) for item in items]
+
+
+def _join(values) -> str:
+    return ",".join(f"{value:g}" for value in values)

@@ -1,0 +1,205 @@
+"""How many tokens to draft each round: a fixed cap, or ``"auto"``, a cost-aware cap from stored costs.
+
+``max_draft_tokens="auto"`` picks, before each round, the cap ``k`` in ``0..AUTO_MAX_DRAFT_TOKENS`` that
+maximizes the expected tokens per unit of cost of that round, from
+
+- `DraftCosts`: the cost of a small-model forward and of a large-model forward by the number of tokens
+  fed (all rows together), in units of one single-token large forward. Measured once per pair and device
+  (`DraftCosts.measure`, saved as JSON) or estimated from the bytes of weight each model reads per
+  forward (`DraftCosts.estimate`): never from live timings, so outputs are reproducible;
+- per row, how often the small model stayed confident (``r``, it drafts another token) and how often the
+  large model kept a draft (``a``) in recent rounds (decayed counts with a prior).
+
+With independent steps, a row drafts ``j`` tokens with probability ``r^j`` and keeps them with ``a^j``:
+expected tokens of a round with cap ``k`` are ``sum_b 1 + sum_{j=1..k} (r_b a_b)^j`` (the large model's
+own token is always one), expected cost ``sum_{j<k} small(rows still drafting at step j) +
+large(tokens fed)``. ``k = 0`` is a plain large-model step: it wins where drafting does not pay (a small
+model that is rarely confident, or batches whose verification is compute-bound on a few CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from .compat import cache_kwarg, new_cache
+
+AUTO = "auto"
+AUTO_MAX_DRAFT_TOKENS = 20  # the largest cap "auto" considers
+PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64)  # tokens fed per forward that `DraftCosts.measure` times
+# Extra cost of each further token fed to one forward, relative to a single-token forward, measured on
+# the project's reference machines (README, "Where the time goes"): GPUs are bound by per-call overhead,
+# CPUs by weight bytes in bfloat16 and by arithmetic in float32.
+TOKEN_SLOPE = {"cuda": 0.01, "cpu-bfloat16": 0.04, "cpu-float32": 0.19}
+PRIOR_RATE = 0.8  # assumed confidence / acceptance before a row has drafted
+PRIOR_WEIGHT = 2.0  # how many drafts' worth of evidence the prior counts for
+DECAY = 0.8  # weight kept by past evidence each round (recent rounds matter most)
+
+
+@dataclass(frozen=True)
+class DraftCosts:
+    """Forward costs of a pair, in units of one large-model forward over one token (batch of one).
+
+    small / large: ``(tokens fed, cost)`` points, tokens fed counted over all rows of a batch; costs in
+    between are interpolated linearly, beyond the last point extrapolated from the last two.
+    """
+
+    small: tuple[tuple[int, float], ...]
+    large: tuple[tuple[int, float], ...]
+
+    def __post_init__(self):
+        for name, least in (("small", 0.0), ("large", 1e-9)):  # a free drafter is a limit worth stating
+            points = getattr(self, name)
+            if not points or any(len(p) != 2 or p[0] < 1 or not p[1] >= least for p in points):
+                raise ValueError(
+                    f"DraftCosts.{name} must be a non-empty list of (tokens fed >= 1, cost {'>= 0' if least == 0 else '> 0'}) "
+                    f"pairs, got {points!r}. Make one with bild.DraftCosts.measure(large, small) or "
+                    "scripts/profile_pair.py --save."
+                )
+            object.__setattr__(self, name, tuple(sorted((int(n), float(c)) for n, c in points)))
+
+    def small_cost(self, n_tokens: float) -> float:
+        return _interpolate(self.small, n_tokens)
+
+    def large_cost(self, n_tokens: float) -> float:
+        return _interpolate(self.large, n_tokens)
+
+    @classmethod
+    def estimate(cls, large: PreTrainedModel, small: PreTrainedModel) -> DraftCosts:
+        """Costs without timing anything: a forward costs the weight bytes it reads, plus a per-token slope."""
+        ratio = forward_bytes(small) / forward_bytes(large)
+        slope = TOKEN_SLOPE["cuda"] if large.device.type == "cuda" else TOKEN_SLOPE[
+            "cpu-float32" if large.dtype == torch.float32 else "cpu-bfloat16"]  # fmt: skip
+        points = (1, PROFILE_TOKENS[-1])
+        return cls(
+            small=tuple((n, ratio * (1 + slope * (n - 1))) for n in points),
+            large=tuple((n, 1 + slope * (n - 1)) for n in points),
+        )
+
+    @classmethod
+    def measure(cls, large: PreTrainedModel, small: PreTrainedModel, context: int = 128, repeats: int = 5,
+                tokens: tuple[int, ...] = PROFILE_TOKENS) -> DraftCosts:  # fmt: skip
+        """Time one forward of each model by tokens fed, after ``context`` cached tokens (median of ``repeats``)."""
+        with torch.inference_mode():
+            large_ms = {n: forward_ms(large, context, n, repeats) for n in tokens}
+            small_ms = {n: forward_ms(small, context, n, repeats) for n in tokens}
+        unit = large_ms[min(tokens)]
+        return cls(tuple((n, ms / unit) for n, ms in small_ms.items()), tuple((n, ms / unit) for n, ms in large_ms.items()))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, source: str | Path | dict | DraftCosts) -> DraftCosts:
+        """A `DraftCosts`, a mapping ``{"small": [[n, cost], ...], "large": [...]}``, or a JSON file of one."""
+        if isinstance(source, DraftCosts):
+            return source
+        if isinstance(source, (str, Path)):
+            try:
+                source = json.loads(Path(source).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"Could not read draft costs from {str(source)!r}: {err}") from err
+        if not isinstance(source, dict) or set(source) != {"small", "large"}:
+            raise ValueError(f"Draft costs need exactly the keys 'small' and 'large', got {source!r}.")
+        return cls(tuple(map(tuple, source["small"])), tuple(map(tuple, source["large"])))
+
+
+def forward_bytes(model: PreTrainedModel) -> int:
+    """Bytes of parameters and buffers a forward reads: all but the input embedding table (one row a token)."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    embeddings = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if embeddings is not None and getattr(head, "weight", None) is not embeddings.weight:
+        total -= embeddings.weight.numel() * embeddings.weight.element_size()
+    return max(total, 1)
+
+
+def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int) -> float:
+    """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens."""
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
+    extra = {}
+    if model.config.is_encoder_decoder:  # the encoder runs once per generate(): not part of a step
+        extra["encoder_outputs"] = model.get_encoder()(input_ids=ids[:, :context], return_dict=True)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        cache = new_cache(model)
+        _feed(model, ids[:, :context], cache, extra)
+        start = _clock(model.device)
+        _feed(model, ids[:, context:], cache, extra)
+        times.append(1000 * (_clock(model.device) - start))
+    return statistics.median(times[1:])
+
+
+def _feed(model: PreTrainedModel, ids: torch.Tensor, cache, extra: dict) -> None:
+    name = "decoder_input_ids" if model.config.is_encoder_decoder else "input_ids"
+    model(**{name: ids, cache_kwarg(model): cache}, **extra, use_cache=True)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _interpolate(points: tuple[tuple[int, float], ...], n: float) -> float:
+    """Piecewise-linear cost at ``n`` tokens fed; extrapolated from the nearest segment outside the points."""
+    if len(points) == 1:
+        return points[0][1] * max(n, 1) / points[0][0]  # one point: proportional to tokens fed
+    segment = next((i for i in range(len(points) - 1) if n <= points[i + 1][0]), len(points) - 2)
+    (n0, c0), (n1, c1) = points[segment], points[segment + 1]
+    return max(c0 + (c1 - c0) * (n - n0) / (n1 - n0), 0.0)
+
+
+class DraftSchedule:
+    """The draft cap of each round: ``fixed`` every round, or chosen by the cost model ("auto")."""
+
+    def __init__(self, batch_size: int, device: torch.device, fixed: int | None, costs: DraftCosts | None):
+        self.fixed = fixed
+        self.costs = costs
+        # decayed evidence per row: [B] small steps, drafts (= confident steps), accepted drafts
+        self.steps = torch.zeros(batch_size, device=device)
+        self.drafted = torch.zeros(batch_size, device=device)
+        self.accepted = torch.zeros(batch_size, device=device)
+
+    def next_cap(self, is_active: torch.Tensor) -> int:
+        """The most drafts any active row may make this round (0: a plain large-model step)."""
+        if self.fixed is not None:
+            return self.fixed
+        r = (self.drafted + PRIOR_RATE * PRIOR_WEIGHT) / (self.steps + PRIOR_WEIGHT)  # [B]
+        a = (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.drafted + PRIOR_WEIGHT)  # [B]
+        return best_cap(r[is_active].tolist(), a[is_active].tolist(), self.costs)
+
+    def update(self, is_active, n_steps, n_drafted, n_accepted) -> None:
+        """Learn from this round: small steps taken, drafts made, drafts kept; `(batch_size,)` each."""
+        if self.fixed is not None:
+            return
+        keep = torch.where(is_active, DECAY, 1.0)
+        self.steps = self.steps * keep + n_steps * is_active
+        self.drafted = self.drafted * keep + n_drafted * is_active
+        self.accepted = self.accepted * keep + n_accepted * is_active
+
+
+def best_cap(r: list[float], a: list[float], costs: DraftCosts, max_cap: int = AUTO_MAX_DRAFT_TOKENS) -> int:
+    """The cap ``k`` that maximizes expected tokens per cost for rows with confidence ``r`` and acceptance ``a``."""
+    n_rows = len(r)
+    best_k, best_rate = 0, n_rows / costs.large_cost(n_rows)
+    tokens, cost_small, drafted = float(n_rows), 0.0, 0.0
+    for k in range(1, max_cap + 1):
+        drafting = sum(rb ** (k - 1) for rb in r)  # expected rows that reach step k - 1
+        cost_small += min(1.0, drafting) * costs.small_cost(max(1.0, drafting))
+        drafted += sum(rb**k for rb in r)
+        tokens += sum((rb * ab) ** k for rb, ab in zip(r, a, strict=True))
+        rate = tokens / (cost_small + costs.large_cost(n_rows + drafted))
+        if rate >= best_rate:
+            best_k, best_rate = k, rate
+    return best_k

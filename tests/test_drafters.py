@@ -1,0 +1,287 @@
+"""`bild.compress_drafter`: quantized linear layers, the draft vocabulary, and BiLD's oracles with them."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import BOS, CHAIN, EOS, FIRST_WORD, PAD, VOCAB, left_pad, prompts, sample_chain
+from torch import nn
+
+import bild
+from bild.drafters import (
+    Int4Linear,
+    Int8Linear,
+    PrunedHead,
+    draft_vocabulary,
+    measure_step_ms,
+)
+from bild.integration import vocab_size
+
+INF = math.inf
+SETTINGS = [("int8", None), ("int4", 32), (None, 24)]  # (quantization, vocab_size); int4 needs rows % 16 == 0
+
+
+def compressed(model, quantization="int8", vocab_size=None, token_counts=None):
+    """A compressed deep copy: the session fixtures' models stay untouched."""
+    return bild.compress_drafter(copy.deepcopy(model), quantization, vocab_size, token_counts)
+
+
+def strip(row: torch.Tensor) -> list[int]:
+    ids = row.tolist()
+    while ids and ids[-1] == PAD:
+        ids.pop()
+    return ids
+
+
+def inputs(kind: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B, T)` prompt ids and attention mask: left-padded chain prompts, or unequal T5 sources."""
+    if kind == "causal":
+        return left_pad(prompts(batch_size))
+    src = sample_chain(CHAIN, batch_size, 10, torch.Generator().manual_seed(3))
+    src[1:, 7:] = PAD
+    return src, (src != PAD).long()
+
+
+def bild_generate(large, small, ids, mask, **kwargs):
+    """BiLD with ``small`` attached for this call only."""
+    bild.attach(large, small)
+    try:
+        return large.generate(
+            ids, attention_mask=mask, generation_mode="bild", return_dict_in_generate=True,
+            max_new_tokens=kwargs.pop("max_new_tokens", 20), pad_token_id=PAD, **kwargs,
+        )  # fmt: skip
+    finally:
+        bild.detach(large)
+
+
+@pytest.fixture(params=["causal", "t5"])
+def kind_pair(request, causal_pair, seq2seq_pair):
+    return request.param, causal_pair if request.param == "causal" else seq2seq_pair
+
+
+# --- BiLD's oracles with a compressed drafter --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("quantization,n_vocab", SETTINGS)
+def test_rollback_zero_is_large_greedy(kind_pair, batch_size, quantization, n_vocab):
+    kind, (large, small) = kind_pair
+    drafter = compressed(small, quantization, n_vocab)
+    ids, mask = inputs(kind, batch_size)
+    expected = large.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    settings = dict(fallback_threshold=0.5, rollback_threshold=0.0, do_sample=False)
+    out = bild_generate(large, drafter, ids, mask, **settings)
+    assert [strip(r) for r in out.sequences] == [strip(r) for r in expected]
+    assert sum(out.bild_stats.accepted) > 0, "the drafter must contribute tokens"
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("quantization,n_vocab", SETTINGS)
+def test_no_fallback_no_rollback_is_compressed_greedy(kind_pair, batch_size, quantization, n_vocab):
+    kind, (large, small) = kind_pair
+    drafter = compressed(small, quantization, n_vocab)
+    ids, mask = inputs(kind, batch_size)
+    expected = drafter.generate(
+        ids, attention_mask=mask, max_new_tokens=16, pad_token_id=PAD, do_sample=False
+    )
+    out = bild_generate(
+        large, drafter, ids, mask, fallback_threshold=0.0, rollback_threshold=INF, max_draft_tokens=16,
+        max_new_tokens=16, do_sample=False,
+    )  # fmt: skip
+    assert [strip(r) for r in out.sequences] == [strip(r) for r in expected]
+    assert out.bild_stats.rollbacks == [0] * batch_size
+
+
+# --- the draft vocabulary ----------------------------------------------------------------------------------
+
+KEPT_WORDS = list(range(FIRST_WORD, FIRST_WORD + 12))  # the chain also uses the other 33 words
+
+
+def word_counts() -> torch.Tensor:
+    """`(VOCAB,)` counts that rank ``KEPT_WORDS`` first, highest id first (ties would go to the lower id)."""
+    counts = torch.zeros(VOCAB)
+    counts[KEPT_WORDS] = torch.arange(1.0, len(KEPT_WORDS) + 1)
+    return counts
+
+
+def test_greedy_drafter_never_drafts_outside_its_vocabulary(causal_pair):
+    _, small = causal_pair
+    ids, mask = left_pad(prompts(4))
+    kept = {PAD, EOS, BOS, *KEPT_WORDS}
+    drafter = compressed(small, "int8", len(kept), word_counts())
+    plain = small.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    out = drafter.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    assert not set(plain[:, ids.shape[1] :].flatten().tolist()) <= kept, "the chain must leave the kept words"
+    assert set(out[:, ids.shape[1] :].flatten().tolist()) <= kept
+
+
+def test_sampled_drafts_stay_in_the_vocabulary(causal_pair):
+    large, small = causal_pair
+    ids, mask = left_pad(prompts(4))
+    kept = {PAD, EOS, BOS, *KEPT_WORDS}
+    settings = dict(fallback_threshold=0.0, rollback_threshold=INF, max_draft_tokens=20, do_sample=True)
+    for drafter, should_stay in ((small, False), (compressed(small, "int8", len(kept), word_counts()), True)):
+        torch.manual_seed(0)
+        out = bild_generate(large, drafter, ids, mask, **settings)
+        new_ids = out.sequences[:, ids.shape[1] :]  # [B, 20]: one round of drafts, then maybe a large token
+        drafts = {t for b, n in enumerate(out.bild_stats.accepted) for t in new_ids[b, :n].tolist()}
+        assert sum(out.bild_stats.accepted) >= 40
+        assert (drafts <= kept) == should_stay
+
+
+def test_pruned_logits_are_full_size_with_no_mass_outside(causal_pair):
+    _, small = causal_pair
+    drafter = compressed(small, None, 15, word_counts())
+    ids, _ = left_pad(prompts(2))
+    with torch.no_grad():
+        logits, plain = drafter(ids).logits, small(ids).logits  # [B, T, V]
+    kept = draft_vocabulary(small, 15, word_counts())
+    outside = torch.ones(VOCAB, dtype=torch.bool)
+    outside[kept] = False
+    assert logits.shape == plain.shape
+    assert torch.equal(logits[..., kept], plain[..., kept])
+    probs, plain_probs = logits.softmax(-1), plain.softmax(-1)  # [B, T, V]
+    assert (probs[..., outside] == 0).all()
+    renormalized = plain_probs[..., kept] / plain_probs[..., kept].sum(-1, keepdim=True)  # [B, T, V']
+    assert torch.allclose(probs[..., kept], renormalized, atol=1e-6)
+    is_top_kept = torch.isin(plain.argmax(-1), kept)  # [B, T]
+    assert is_top_kept.any() and not is_top_kept.all(), "both cases of the fallback rule must occur"
+    assert (probs.amax(-1) >= plain_probs.amax(-1))[is_top_kept].all()  # a kept top is at least as confident
+
+
+def test_draft_vocabulary_ranking(causal_pair):
+    _, small = causal_pair
+    specials = [PAD, EOS, BOS]
+    assert draft_vocabulary(small, 8).tolist() == list(range(8))  # no data: the lowest ids
+    assert draft_vocabulary(small, 5, word_counts()).tolist() == specials + KEPT_WORDS[-2:]  # most frequent
+    sequences = [[40, 41, 41], torch.tensor([41, 9, 40, 41, 7])]
+    assert draft_vocabulary(small, 6, sequences).tolist() == [*specials, 7, 40, 41]  # counted; 7 ties 9
+    assert draft_vocabulary(small, 5, torch.tensor([[9, 9], [9, 5]])).tolist() == specials + [5, 9]
+
+
+# --- quantized layers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_error_bound(dtype):
+    """Each weight moves by at most half a step (max |w_n| / 254): the output error is bounded by that times |x|."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40).to(dtype)
+    x = torch.randn(2, 3, 96, dtype=dtype)  # 3-D input, as the models feed it
+    layer = Int8Linear.from_linear(linear)
+    step = linear.weight.float().abs().amax(1) / 127  # [N]
+    bound = x.float().abs().sum(-1, keepdim=True) * step / 2  # [2, 3, N]
+    error = (layer(x).float() - linear(x).float()).abs()
+    assert layer(x).dtype == dtype and layer(x).shape == (2, 3, 40)
+    slack = 0 if dtype == torch.float32 else 0.02 * linear(x).float().abs().amax()  # bf16 output rounding
+    assert (error <= bound * 1.001 + 1e-5 + slack).all()
+    assert torch.allclose(layer.dequantized(), linear.weight.float(), atol=step.amax().item() / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_error_bound(dtype):
+    """Each weight moves by at most half a step of its group of 32: (max - min) / 30."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48).to(dtype)
+    x = torch.randn(2, 3, 64, dtype=dtype)
+    layer = Int4Linear.from_linear(linear)
+    groups = linear.weight.float().reshape(48, 2, 32)
+    half_step = ((groups.amax(-1) - groups.amin(-1)) / 30).repeat_interleave(32, dim=1)  # [N, K]
+    bound = x.float().abs() @ half_step.T  # [2, 3, N]
+    error = (layer(x).float() - linear(x).float()).abs()
+    slack = 1e-5 if dtype == torch.float32 else 0.02 * linear(x).float().abs().amax()
+    assert layer(x).dtype == dtype and layer(x).shape == (2, 3, 48)
+    assert (error <= bound * 1.01 + slack).all()
+
+
+@pytest.mark.parametrize("quantization,tolerance", [("int8", 0.03), ("int4", 0.25)])
+def test_quantized_logits_stay_close(kind_pair, quantization, tolerance):
+    """Logits move by at most ``tolerance`` of their largest magnitude; int8 also keeps argmax and probabilities.
+
+    Measured on these tiny models (hidden size 32, where rounding errors average out least): int8 1.3%
+    (causal) / 0.8% (T5) of the largest logit and 0.01 in probability, int4 11% / 7%. The tolerances
+    are about twice that, and far below planted bugs: a dropped bias moves the logits by 39%, an int4
+    zero off by one step by 62%.
+    """
+    kind, (_, small) = kind_pair
+    drafter = compressed(small, quantization)
+    ids, mask = inputs(kind, 4)
+    kwargs = {"decoder_input_ids": ids[:, :6]} if kind == "t5" else {}
+    with torch.no_grad():
+        ref = small(input_ids=ids, attention_mask=mask, **kwargs).logits  # [B, T, V]
+        out = drafter(input_ids=ids, attention_mask=mask, **kwargs).logits
+    assert 0 < (out - ref).abs().amax() / ref.abs().amax() <= tolerance
+    if quantization == "int8":
+        assert (out.softmax(-1) - ref.softmax(-1)).abs().amax() <= 0.02
+        assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_t5_keeps_tied_embeddings_and_head_scaling(seq2seq_pair):
+    _, small = seq2seq_pair
+    assert small.config.tie_word_embeddings, "the fixture must exercise T5's d_model**-0.5 head scaling"
+    embeddings = small.get_input_embeddings().weight.clone()
+    drafter = compressed(small, "int8")
+    assert torch.equal(drafter.get_input_embeddings().weight, embeddings)
+    assert isinstance(drafter.get_output_embeddings(), Int8Linear)
+
+
+# --- what the model looks like afterwards ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantization,n_vocab", SETTINGS)
+def test_compression_is_recorded_and_config_untouched(causal_pair, quantization, n_vocab):
+    _, small = causal_pair
+    drafter = compressed(small, quantization, n_vocab)
+    assert drafter.config.to_dict() == small.config.to_dict()
+    assert vocab_size(drafter) == VOCAB == drafter.get_output_embeddings().out_features
+    assert not any(isinstance(m, nn.Linear) for m in drafter.modules()) or quantization is None
+    record = drafter.bild_compression
+    assert (record.quantization, record.vocab_size) == (quantization, n_vocab or VOCAB)
+    assert record.full_vocab_size == VOCAB
+    assert isinstance(drafter.get_output_embeddings(), PrunedHead) == (n_vocab is not None)
+    with pytest.raises(ValueError, match="already compressed"):
+        bild.compress_drafter(drafter)
+
+
+def test_int4_falls_back_to_int8_where_the_kernel_cannot(causal_pair):
+    _, small = causal_pair
+    drafter = compressed(small, "int4", 20)  # a 20-row head: the int4 kernel needs rows % 16 == 0
+    assert isinstance(drafter.get_output_embeddings().kept_head, Int8Linear)
+    assert (drafter.bild_compression.n_int8, drafter.bild_compression.n_int4) == (1, 7)
+
+
+def test_measure_step_ms(causal_pair, seq2seq_pair):
+    for _, small in (causal_pair, seq2seq_pair):
+        assert 0 < measure_step_ms(compressed(small), n_context=16, n_steps=3) < 10_000
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(quantization="int3"), "Unknown quantization"),
+        (dict(vocab_size=VOCAB + 1), "vocab_size=49 must lie between the 3 special tokens"),
+        (dict(vocab_size=2), "vocab_size=2 must lie between the 3 special tokens"),
+        (dict(vocab_size=10, token_counts=torch.ones(VOCAB - 1)), r"token_counts has shape \(47,\)"),
+        (dict(vocab_size=10, token_counts=[[3, 4, VOCAB]]), "token ids outside"),
+    ],
+)
+def test_user_mistakes_are_value_errors(causal_pair, kwargs, match):
+    _, small = causal_pair
+    drafter = copy.deepcopy(small)
+    with pytest.raises(ValueError, match=match):
+        bild.compress_drafter(drafter, **kwargs)
+    assert not hasattr(drafter, "bild_compression")
+
+
+def test_models_without_linear_layers_or_off_cpu_are_refused(causal_pair):
+    with pytest.raises(ValueError, match="no nn.Linear layers"):
+        bild.compress_drafter(nn.Sequential(nn.Embedding(VOCAB, 8)))
+    off_cpu = copy.deepcopy(causal_pair[1]).to("meta")
+    with pytest.raises(ValueError, match="runs on CPU only"):
+        bild.compress_drafter(off_cpu, "int8")
