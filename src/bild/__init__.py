@@ -5,6 +5,7 @@ import importlib
 from .cache import BildCache
 from .config import BildGenerationConfig, BildSettings
 from .drafters import compress_drafter
+from .early_exit import EarlyExitDrafter, early_exit, train_exit
 from .integration import BildGenerateOutput, BildGenerationMixin, attach, detach
 from .schedule import DraftCosts
 from .stats import BildStats, collect_stats
@@ -20,12 +21,15 @@ __all__ = [
     "Budget",
     "CalibrationResult",
     "DraftCosts",
+    "EarlyExitDrafter",
     "align",
     "attach",
     "calibrate",
     "collect_stats",
     "compress_drafter",
     "detach",
+    "early_exit",
+    "train_exit",
 ]
 __version__ = "0.1.0"
 

@@ -14,6 +14,10 @@ tested in tests/test_compat.py:
   ``_get_default_generation_params()`` on the model's own ``generation_config`` (Seq2SeqTrainer calls it
   too, after generate(), so the caller's name is checked); `BildGenerationConfig` hooks both to refuse
   stock decoding on a model that was never attached (tests/test_user_errors.py).
+- `gather_cache_slots`: a dynamic cache's layers keep ``keys`` / ``values`` as [B, heads, S, head_dim] tensors
+  in ``cache.layers[i]`` that may be replaced (T5 rows decoded together are right-aligned this way);
+  `has_relative_positions` names the encoder-decoder families that place tokens only relative to each other.
+- Early exit (`run_decoder_layer`, `crop_cache_layers`, `output_with_cache`): see the block at the end.
 - The ``custom_generate=<callable>`` route of generate() itself (used in integration.py) is public API.
 """
 
@@ -107,10 +111,9 @@ def gather_cache_slots(cache: Cache, index: torch.Tensor) -> None:
 # - `run_decoder_layer`: a decoder layer called on its own takes ``(hidden_states, attention_mask=4-D additive
 #   mask, position_ids, position_embeddings=(cos, sin), use_cache)`` plus the cache as ``cache`` (5.2x) or
 #   ``past_key_values`` (before); it returns the hidden states (a tuple whose first item on older versions).
-# - `set_cache_layer_index`: a layer writes its KV into ``cache.layers[layer.self_attn.layer_idx]``.
-# - `add_cache_layers` / `crop_cache_layers`: a dynamic cache keeps one ``DynamicLayer`` per layer in
-#   ``cache.layers`` (appended on demand when ``layer_class_to_replicate`` is set); ``layer.crop(-n)`` drops the
-#   last ``n`` slots of that layer alone.
+# - `crop_cache_layers`: a dynamic cache keeps one ``DynamicLayer`` per layer in ``cache.layers`` (a layer
+#   built with ``layer_idx=i`` writes into ``cache.layers[i]``, appended on demand in a ``DynamicCache()``);
+#   ``layer.crop(-n)`` drops the last ``n`` slots of that layer alone (5.17 fails on a layer never written).
 # - `output_with_cache`: model outputs name the cache ``cache`` (5.2x) or ``past_key_values`` (before).
 
 
@@ -129,18 +132,6 @@ def run_decoder_layer(
         position_embeddings=position_embeddings, use_cache=cache is not None, **kwargs,
     )  # fmt: skip
     return output[0] if isinstance(output, tuple) else output
-
-
-def set_cache_layer_index(layer: torch.nn.Module, layer_idx: int) -> None:
-    """Make a decoder layer read and write its KV in slot ``layer_idx`` of the cache it is given."""
-    layer.self_attn.layer_idx = layer_idx
-
-
-def add_cache_layers(cache: Cache, n_layers: int) -> None:
-    """Give a cache built with a fixed list of layers (``DynamicCache(config=...)``) room for ``n_layers`` layers."""
-    if getattr(cache, "layer_class_to_replicate", None) is None:
-        while len(cache.layers) < n_layers:
-            cache.layers.append(type(cache.layers[0])())
 
 
 def crop_cache_layers(cache: Cache, layer_ids: range, n_remove: int) -> None:

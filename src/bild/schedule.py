@@ -114,6 +114,8 @@ class DraftCosts:
 
 def forward_bytes(model: PreTrainedModel) -> int:
     """Bytes of parameters and buffers a forward reads: all but the input embedding table (one row a token)."""
+    if hasattr(model, "bild_forward_bytes"):  # a drafter that runs part of another model (bild.early_exit)
+        return model.bild_forward_bytes()
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()

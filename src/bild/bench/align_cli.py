@@ -7,10 +7,19 @@ from pathlib import Path
 
 import torch
 
-from bild.alignment import DEFAULT_LEARNING_RATE, LOSSES, RESERVE_FIRST, align, load_prompts, split_held_out
-from bild.bench.loading import load_pair
+from bild.alignment import (
+    DEFAULT_LEARNING_RATE,
+    LOSSES,
+    RESERVE_FIRST,
+    align,
+    generate_targets,
+    load_prompts,
+    split_held_out,
+)  # fmt: skip
+from bild.bench.loading import load_large, load_pair
 from bild.bench.machine import DEVICES, DTYPES, resolve_device, resolve_dtype
 from bild.config import DEFAULT_FALLBACK_THRESHOLD, DEFAULT_MAX_DRAFT_TOKENS
+from bild.early_exit import EXIT_LEARNING_RATE, early_exit, train_exit
 
 DEFAULT_SOURCES = ("code", "translation")
 
@@ -25,9 +34,14 @@ def add_align_parser(verbs) -> argparse.ArgumentParser:
         "prompts before and after. Prompts come from the END of each source: the bench evaluates the "
         "first examples.",
     )
-    sub.add_argument("--small", required=True, help="the drafter: hub id, folder, or prepared name")
+    sub.add_argument("--small", help="the drafter: hub id, folder, or prepared name (not with --early-exit)")
     sub.add_argument("--large", required=True, help="the large model: hub id, folder, or prepared name")
-    sub.add_argument("--out", required=True, type=Path, help="folder of the aligned drafter")
+    sub.add_argument("--out", required=True, type=Path, help="folder of the aligned drafter (or exit adapter)")
+    sub.add_argument(
+        "--early-exit", type=int, metavar="K",
+        help="train the exit adapter of bild.early_exit(large, K) by self-distillation instead of a small model",
+    )  # fmt: skip
+    sub.add_argument("--steps", type=int, default=200, help="--early-exit: adapter training steps (200)")
     _add_data_options(sub)
     _add_training_options(sub)
     sub.add_argument(
@@ -152,8 +166,12 @@ def run_align(args) -> int:
     """Load the pair, align the small model, print the before/after table; returns the exit status."""
     if args.n_train < 1 or args.n_eval < 0:
         raise ValueError(f"--n-train must be >= 1 and --n-eval >= 0, got {args.n_train} and {args.n_eval}.")
+    if (args.small is None) == (args.early_exit is None):
+        raise ValueError("Pass either --small (align a small model) or --early-exit K (train an exit adapter).")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.early_exit is not None:
+        return run_exit_training(args)
     device = resolve_device(args.device)
     pair = load_pair(args.large, args.small, device, resolve_dtype(args.dtype, device), attach=False)
     train_prompts, eval_prompts = split_sources(args, pair.tokenizer)
@@ -183,4 +201,26 @@ def run_align(args) -> int:
     )
     print(result.summary())
     print(f"wrote {result.output_dir / 'alignment.json'}; use the folder as any small model")
+    return 0
+
+
+def run_exit_training(args) -> int:
+    """``--early-exit K``: self-distil the exit adapter on prompts and the large model's own continuations."""
+    device = resolve_device(args.device)
+    large, tokenizer = load_large(args.large, device, resolve_dtype(args.dtype, device))
+    train_prompts, eval_prompts = split_sources(args, tokenizer)
+    texts = []
+    for prompts in (train_prompts, eval_prompts):
+        targets = generate_targets(large, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.generation_batch_size, cache_dir=args.cache_dir,
+                                   add_special_tokens=not args.chat, progress=not args.quiet)  # fmt: skip
+        texts.append([t.prompt_ids + t.target_ids for t in targets])
+    drafter = early_exit(large, args.early_exit)
+    result = train_exit(large, drafter, texts[0], eval_texts_or_token_ids=texts[1] or None, steps=args.steps,
+                        lr=args.learning_rate or EXIT_LEARNING_RATE, batch_size=args.batch_size,
+                        progress=not args.quiet)  # fmt: skip
+    drafter.save_adapter(args.out)
+    print(f"next-token agreement with the large model on held-out text: {result['before']:.3f} -> "
+          f"{result['after']:.3f} ({result['seconds']:.0f} s)")  # fmt: skip
+    print(f"wrote {args.out}; use it as bild.early_exit(large, {args.early_exit}, adapter={str(args.out)!r})")
     return 0

@@ -23,7 +23,7 @@ METHOD_KEYS = {
     "bild": BILD_FIELDS,
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
-DRAFTER_KEYS = ("model", "quantization", "vocab_size")  # see bild.compress_drafter
+DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size")  # see bench/loading.py
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,8 @@ def parse_config(raw: Any, source: str = "config") -> BenchConfig:
 
 
 def parse_drafters(raw: Any, source: str) -> dict:
-    """``{name: {model: <folder or hub id>, quantization: int8|int4|null, vocab_size: N}}``, validated."""
+    """``{name: {model: <folder or hub id> | early_exit: k, adapter: <folder>, quantization: int8|int4|null,
+    vocab_size: N}}``, validated."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: `drafters` must map names to drafter settings, got {raw!r}.")
     drafters = {}
@@ -142,8 +143,11 @@ def parse_drafters(raw: Any, source: str) -> dict:
                              f"got {entry!r}.")  # fmt: skip
         if entry.get("quantization") not in QUANTIZATIONS:
             raise ValueError(f"{source}: drafter {name!r}: `quantization` must be one of {list(QUANTIZATIONS)}.")
-        if entry.get("vocab_size") is not None:
-            _positive_int(source, f"drafters.{name}.vocab_size", entry["vocab_size"])
+        for key in ("vocab_size", "early_exit"):
+            if entry.get(key) is not None:
+                _positive_int(source, f"drafters.{name}.{key}", entry[key])
+        if entry.get("early_exit") and entry.get("model"):
+            raise ValueError(f"{source}: drafter {name!r}: `early_exit` drafts with the large model's layers; drop `model`.")
         drafters[name] = dict(entry)
     return drafters
 

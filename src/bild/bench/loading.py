@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 import bild
 from bild.bench.paths import bild_home, resolve_model
 from bild.drafters import compress_drafter
+from bild.early_exit import early_exit
 from bild.integration import check_pair, check_tokenizers
 
 PREPARE_HINT = "Offline, `python scripts/prepare_models.py` prepares the default pair under {models}."
@@ -58,39 +59,52 @@ def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, 
     ``attach``: make the large model understand ``generation_mode="bild"`` with the small one as assistant.
     ``drafters``: further small models by name (see `load_drafter`).
     """
-    large_path, small_path = resolve_existing(large), resolve_existing(small)
-    is_encoder_decoder = _load("config of", large_path, AutoConfig.from_pretrained).is_encoder_decoder
-    auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
-    models = [
-        _load("model", path, auto_class.from_pretrained, dtype=dtype).to(device).eval()
-        for path in (large_path, small_path)
-    ]
-    tokenizer = _load("tokenizer of", large_path, AutoTokenizer.from_pretrained)
+    large_model, tokenizer = load_large(large, device, dtype)
+    small_path = resolve_existing(small)
+    small_model = _load("model", small_path, auto_class(large_model).from_pretrained, dtype=dtype).to(device).eval()
     small_tokenizer = saved_tokenizer(small_path)
     if small_tokenizer is not None:
         check_tokenizers(tokenizer, small_tokenizer)
-    if not is_encoder_decoder:
-        tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    eos = models[0].generation_config.eos_token_id
+    eos = large_model.generation_config.eos_token_id
     eos_ids = sorted(
         {*([] if eos is None else [eos] if isinstance(eos, int) else eos), tokenizer.eos_token_id} - {None}
     )
-    pair = ModelPair(models[0], models[1], tokenizer, eos_ids, tokenizer.pad_token_id)
-    pair.drafters = {name: load_drafter(pair, entry, auto_class, dtype) for name, entry in (drafters or {}).items()}
+    pair = ModelPair(large_model, small_model, tokenizer, eos_ids, tokenizer.pad_token_id)
+    pair.drafters = {name: load_drafter(pair, entry, dtype) for name, entry in (drafters or {}).items()}
     if attach:
         bild.attach(pair.large, pair.small)
     return pair
 
 
-def load_drafter(pair: ModelPair, entry: dict, auto_class, dtype: torch.dtype) -> torch.nn.Module:
-    """A drafter from a config's ``drafters`` entry: ``model`` (default: a copy of the small model), then
-    `bild.compress_drafter` with its ``quantization`` and ``vocab_size`` when either is given."""
-    if entry.get("model"):
-        path = resolve_model(entry["model"])
-        drafter = _load("model", path, auto_class.from_pretrained, dtype=dtype).to(pair.large.device).eval()
-        check_pair(pair.large, drafter, pair.tokenizer, saved_tokenizer(path))
+def load_large(name: str, device: torch.device, dtype: torch.dtype):
+    """``(model, tokenizer)``: a model in eval mode and its tokenizer, padding on the left for decoder-only models."""
+    path = resolve_existing(name)
+    is_encoder_decoder = _load("config of", path, AutoConfig.from_pretrained).is_encoder_decoder
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+    model = _load("model", path, auto.from_pretrained, dtype=dtype).to(device).eval()
+    tokenizer = _load("tokenizer of", path, AutoTokenizer.from_pretrained)
+    if not is_encoder_decoder:
+        tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def auto_class(model: torch.nn.Module):
+    """The Auto class that loads models of ``model``'s kind."""
+    return AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
+
+
+def load_drafter(pair: ModelPair, entry: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """A drafter from a config's ``drafters`` entry: ``early_exit: k`` (with an optional trained ``adapter``
+    folder), or ``model`` (default: a copy of the small model) then `bild.compress_drafter` with its
+    ``quantization`` and ``vocab_size`` when either is given."""
+    if entry.get("early_exit"):
+        drafter = early_exit(pair.large, entry["early_exit"], adapter=entry.get("adapter"))
+    elif entry.get("model"):
+        path = resolve_existing(entry["model"])
+        drafter = _load("model", path, auto_class(pair.large).from_pretrained, dtype=dtype).to(pair.large.device)
+        check_pair(pair.large, drafter.eval(), pair.tokenizer, saved_tokenizer(path))
     else:
         drafter = copy.deepcopy(pair.small)
     if entry.get("quantization") or entry.get("vocab_size"):

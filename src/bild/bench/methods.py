@@ -11,6 +11,7 @@ from transformers import StoppingCriteriaList, StopStringCriteria
 
 from bild.bench.bench_config import MethodSpec
 from bild.bench.loading import Batch, ModelPair
+from bild.early_exit import EarlyExitDrafter
 from bild.stats import BildStats
 
 
@@ -27,9 +28,12 @@ def count_forwards(models: dict[str, torch.nn.Module]):
     """Yield a dict counting real forward calls per model name, with hooks on the models' output layers.
 
     Hooking the output layer (``lm_head``) counts every forward that produces logits, whichever code
-    calls the model (stock generate, assisted generation, BiLD), and skips encoder-only passes.
+    calls the model (stock generate, assisted generation, BiLD), and skips encoder-only passes. An
+    early-exit drafter shares the large model's output layer: it is counted at its adapter, and the large
+    model at its last decoder layer, which only the large model's own forwards reach.
     """
     counts = dict.fromkeys(models, 0)
+    shares_head = any(isinstance(model, EarlyExitDrafter) for model in models.values())
 
     def hook_for(name: str):
         def hook(module, args, output):
@@ -37,7 +41,9 @@ def count_forwards(models: dict[str, torch.nn.Module]):
 
         return hook
 
-    handles = [_hook_target(model).register_forward_hook(hook_for(name)) for name, model in models.items()]
+    handles = [
+        _hook_target(model, shares_head).register_forward_hook(hook_for(name)) for name, model in models.items()
+    ]
     try:
         yield counts
     finally:
@@ -124,6 +130,10 @@ def new_token_ids(pair: ModelPair, inputs: dict, sequences: torch.Tensor) -> lis
     return rows
 
 
-def _hook_target(model: torch.nn.Module) -> torch.nn.Module:
+def _hook_target(model: torch.nn.Module, shares_head: bool = False) -> torch.nn.Module:
+    if isinstance(model, EarlyExitDrafter):
+        return model.adapter
+    if shares_head:
+        return model.get_decoder().layers[-1]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if isinstance(head, torch.nn.Module) else model

@@ -1,0 +1,62 @@
+"""What bild relies on in transformers beyond its public API (src/bild/compat.py), checked on the installed version."""
+
+from __future__ import annotations
+
+import torch
+from conftest import PAD, prompts
+
+from bild.compat import (
+    cache_kwarg,
+    crop_cache,
+    gather_cache_slots,
+    has_relative_positions,
+    new_cache,
+    prepared_special_tokens,
+    takes_forward_arg,
+)
+
+
+def test_forward_takes_the_cache_position_ids_and_logits_to_keep(causal_pair, seq2seq_pair):
+    large, _ = causal_pair
+    t5, _ = seq2seq_pair
+    assert takes_forward_arg(large, cache_kwarg(large)) and takes_forward_arg(t5, cache_kwarg(t5))
+    assert takes_forward_arg(large, "position_ids") and takes_forward_arg(large, "logits_to_keep")
+    assert not takes_forward_arg(t5, "position_ids")
+    assert has_relative_positions(t5) and not has_relative_positions(large)
+
+
+def test_crop_drops_slots_from_the_end_of_every_layer(causal_pair):
+    large, _ = causal_pair
+    ids = prompts(1, lengths=(9,))[0][None]
+    cache = new_cache(large)
+    large(input_ids=ids, **{cache_kwarg(large): cache}, use_cache=True)
+    crop_cache(cache, 3)
+    assert cache.get_seq_length() == 6
+    full = large(input_ids=ids[:, 6:], **{cache_kwarg(large): cache}, use_cache=True).logits
+    assert torch.allclose(full, large(input_ids=ids).logits[:, 6:], atol=1e-5)  # the cropped cache is exact
+
+
+def test_gathered_slots_reorder_every_self_attention_layer(seq2seq_pair):
+    t5, _ = seq2seq_pair
+    src = prompts(2, lengths=(6,))
+    src = torch.stack(src)
+    cache = new_cache(t5)
+    t5(input_ids=src, decoder_input_ids=torch.full((2, 4), PAD), **{cache_kwarg(t5): cache}, use_cache=True)
+    before = [layer.keys.clone() for layer in cache.self_attention_cache.layers]
+    order = torch.tensor([[3, 1], [0, 2]])
+    gather_cache_slots(cache, order)
+    for layer, keys in zip(cache.self_attention_cache.layers, before, strict=True):
+        assert layer.keys.shape[2] == 2
+        assert torch.equal(layer.keys[0, :, 0], keys[0, :, 3]) and torch.equal(layer.keys[1, :, 1], keys[1, :, 2])
+
+
+def test_generate_hands_a_custom_loop_the_prepared_special_tokens(causal_pair):
+    large, _ = causal_pair
+    seen = {}
+
+    def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        seen["eos"], seen["pad"] = prepared_special_tokens(generation_config)
+        return input_ids
+
+    large.generate(prompts(1)[0][None], custom_generate=loop, eos_token_id=[1, 5], pad_token_id=PAD)
+    assert seen["eos"].tolist() == [1, 5] and int(seen["pad"]) == PAD
