@@ -275,3 +275,30 @@ def test_pareto_front():
     points = [(1.0, 30.0), (1.5, 29.0), (1.2, 28.0), (2.0, 20.0), (0.8, 31.0), (1.5, 29.0)]
     assert pareto_front(points) == [4, 0, 1, 5, 3]  # (1.2, 28) is beaten by (1.5, 29); ties both stay
     assert pareto_front([(1.0, 5.0), (2.0, 6.0)], higher_is_better=False) == [0, 1]
+
+
+def test_named_drafters_run_next_to_the_small_model(tiny_pair, data_file, tmp_path):
+    """A compressed copy of the small model and an early exit of the large one, each given to assisted and BiLD."""
+    drafters = {"q8": {"quantization": "int8"}, "exit1": {"early_exit": 1}}
+    methods = ["large", {"name": "small", "drafter": "q8"}, {"name": "assisted", "num_assistant_tokens": 4, "drafter": "q8"},
+               {"name": "bild", "rollback_threshold": 0.0, "drafter": "q8"},
+               {"name": "bild", "rollback_threshold": 0.0, "max_draft_tokens": "auto", "drafter": "exit1"}]  # fmt: skip
+    config = write_config(tmp_path, tiny_pair, data_file, drafters=drafters, methods=methods)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    methods = json.loads((out / "results.json").read_text(encoding="utf-8"))["methods"]
+    assert list(methods) == ["large", "small [q8]", "assisted(n=4) [q8]", "bild(0.6, 0, 10) [q8]", "bild(0.6, 0, auto) [exit1]"]
+    for label in ("assisted(n=4) [q8]", "bild(0.6, 0, 10) [q8]", "bild(0.6, 0, auto) [exit1]"):
+        assert methods[label]["exact_match_large"] == 1.0, label  # lossless whatever the drafter
+    exit_summary = methods["bild(0.6, 0, auto) [exit1]"]
+    assert exit_summary["large_forwards"] == exit_summary["bild"]["large_forwards"]  # a shared head, counted apart
+    assert exit_summary["small_forwards"] == exit_summary["bild"]["small_forwards"]
+
+
+def test_drafters_must_be_defined_and_valid():
+    with pytest.raises(ValueError, match=r"drafter\(s\) \['q8'\] that `drafters` does not define"):
+        parse_config({**BASE, "methods": [{"name": "bild", "drafter": "q8"}]})
+    with pytest.raises(ValueError, match="`quantization` must be one of"):
+        parse_config({**BASE, "drafters": {"q": {"quantization": "int3"}}})
+    with pytest.raises(ValueError, match="drop `model`"):
+        parse_config({**BASE, "drafters": {"q": {"early_exit": 2, "model": "x"}}})

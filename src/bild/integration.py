@@ -355,6 +355,8 @@ def _run_encoder(model: PreTrainedModel, inputs_tensor: torch.Tensor, attention_
 def vocab_size(model: PreTrainedModel) -> int:
     """Rows of the model's output layer (its logits' last dimension)."""
     head = model.get_output_embeddings()
+    if getattr(head, "out_features", None) is not None:  # nn.Linear and bild's compressed heads
+        return head.out_features
     if head is not None and getattr(head, "weight", None) is not None:
         return head.weight.shape[0]
     return model.config.get_text_config().vocab_size
