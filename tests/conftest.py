@@ -161,3 +161,12 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, width - len(row) :] = row
         mask[b, width - len(row) :] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on tiny matrices it is faster than two and immune to busy shared cores."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)

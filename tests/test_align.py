@@ -35,13 +35,7 @@ LAST_LAYER = dict(train_last_layers=1, learning_rate=3e-2, epochs=20)  # the fix
 # fallback 0: drafts end only at max_draft_tokens or a rejection: acceptance measures argmax agreement alone
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two, and immune to busy shared cores."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.one_thread
 
 
 def texts(tokenizer, rows) -> list[str]:

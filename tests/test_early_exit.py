@@ -43,13 +43,7 @@ def training_text(n: int = 40) -> list[torch.Tensor]:
     return list(skip_chain(n, 24, torch.Generator().manual_seed(5)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on tiny matrices it is faster than two and immune to busy shared cores (as in tiny_models.train)."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
