@@ -16,9 +16,9 @@ from bild.drafters import (
     Int8Linear,
     PrunedHead,
     draft_vocabulary,
-    measure_step_ms,
 )
 from bild.integration import vocab_size
+from bild.schedule import forward_ms
 
 INF = math.inf
 SETTINGS = [("int8", None), ("int4", 32), (None, 24)]  # (quantization, vocab_size); int4 needs rows % 16 == 0
@@ -270,9 +270,9 @@ def test_int4_falls_back_to_int8_where_the_kernel_cannot(causal_pair):
     assert (drafter.bild_compression.n_int8, drafter.bild_compression.n_int4) == (1, 7)
 
 
-def test_measure_step_ms(causal_pair, seq2seq_pair):
+def test_compressed_step_is_timed_like_any_model(causal_pair, seq2seq_pair):
     for _, small in (causal_pair, seq2seq_pair):
-        assert 0 < measure_step_ms(compressed(small), n_context=16, n_steps=3) < 10_000
+        assert 0 < forward_ms(compressed(small), context=16, n_new=1, repeats=3) < 10_000
 
 
 # --- errors ------------------------------------------------------------------------------------------------

@@ -38,15 +38,11 @@ model rolls back or rejects that draft whenever it disagrees. Outputs of a lossl
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from .compat import cache_kwarg, new_cache
 
 QUANTIZATIONS = ("int8", "int4", None)
 INT4_GROUP_SIZE = 32  # inputs sharing one int4 scale and zero; the CPU kernel needs K % group == 0
@@ -341,33 +337,3 @@ def compress_drafter(
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
-
-
-@torch.inference_mode()
-def measure_step_ms(model: nn.Module, n_context: int = 128, n_steps: int = 9) -> float:
-    """Median milliseconds of one single-token decoder forward after an ``n_context``-token prompt.
-
-    Decoder-only models take the prompt into their cache; encoder-decoder models take it as encoder input
-    and decode from the decoder start token. Prompt ids are drawn from the lowest 1000 ids, seeded.
-    """
-    device = next(model.parameters()).device
-    n_ids = min(1000, model.config.get_text_config().vocab_size)
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(n_ids, (1, n_context), generator=generator).to(device)  # [1, T]
-    cache = new_cache(model)
-    kwargs = {"use_cache": True, cache_kwarg(model): cache}
-    if model.config.is_encoder_decoder:
-        kwargs["encoder_outputs"] = model.get_encoder()(input_ids=prompt)
-        start_id = model.generation_config.decoder_start_token_id
-        start_id = model.config.decoder_start_token_id if start_id is None else start_id
-        logits = model(decoder_input_ids=torch.full((1, 1), start_id, device=device), **kwargs).logits
-    else:
-        logits = model(input_ids=prompt, **kwargs).logits
-    ids_name = "decoder_input_ids" if model.config.is_encoder_decoder else "input_ids"
-    times = []
-    for _ in range(n_steps):
-        next_ids = logits[:, -1:].argmax(-1)  # [1, 1]
-        start = time.perf_counter()
-        logits = model(**{ids_name: next_ids}, **kwargs).logits
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)

@@ -36,7 +36,7 @@ class BildStats:
 
     def tolist(self) -> BildStats:
         """The same counts as lists of ints."""
-        return type(self)(**{name: [int(n) for n in getattr(self, name)] for name in self.names()})
+        return type(self)(**self.to_dict())
 
     @classmethod
     def names(cls) -> list[str]:
