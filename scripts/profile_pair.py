@@ -62,9 +62,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{device}, {torch.get_num_threads()} threads")  # fmt: skip
     if args.save:
         drafter = "drafter" if "drafter" in models else "small"
-        unit = rows[0]["large"]
-        costs = DraftCosts(small=tuple((r["tokens fed"], r[drafter] / unit) for r in rows),
-                           large=tuple((r["tokens fed"], r["large"] / unit) for r in rows))  # fmt: skip
+        costs = DraftCosts.from_ms({r["tokens fed"]: r[drafter] for r in rows}, {r["tokens fed"]: r["large"] for r in rows})
         print(f"wrote {costs.save(args.save)} ({drafter} model as the drafter)")
     return rows
 

@@ -89,7 +89,12 @@ class DraftCosts:
         with torch.inference_mode():
             large_ms = {n: forward_ms(large, context, n, repeats) for n in tokens}
             small_ms = {n: forward_ms(small, context, n, repeats) for n in tokens}
-        unit = large_ms[min(tokens)]
+        return cls.from_ms(small_ms, large_ms)
+
+    @classmethod
+    def from_ms(cls, small_ms: dict[int, float], large_ms: dict[int, float]) -> DraftCosts:
+        """Costs from forward times by tokens fed, in units of the large model's fewest-token forward."""
+        unit = large_ms[min(large_ms)]
         return cls(tuple((n, ms / unit) for n, ms in small_ms.items()), tuple((n, ms / unit) for n, ms in large_ms.items()))
 
     def save(self, path: str | Path) -> Path:
