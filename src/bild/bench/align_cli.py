@@ -17,7 +17,7 @@ from bild.alignment import (
     split_held_out,
 )  # fmt: skip
 from bild.bench.loading import load_large, load_pair
-from bild.bench.machine import DEVICES, DTYPES, resolve_device, resolve_dtype
+from bild.bench.machine import add_machine_options, resolve_device, resolve_dtype
 from bild.config import DEFAULT_FALLBACK_THRESHOLD, DEFAULT_MAX_DRAFT_TOKENS
 from bild.early_exit import EXIT_LEARNING_RATE, early_exit, train_exit
 
@@ -57,9 +57,7 @@ def add_align_parser(verbs) -> argparse.ArgumentParser:
         help=f"N when measuring (default {DEFAULT_MAX_DRAFT_TOKENS})",
     )
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} or cuda:N")
-    sub.add_argument("--dtype", default="auto", help=f"{', '.join(DTYPES)} (auto: bfloat16 if native)")
-    sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_machine_options(sub)
     sub.set_defaults(run=run_align)
     return sub
 

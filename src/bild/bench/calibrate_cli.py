@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bild.bench.bench_config import load_config, parse_float_list
-from bild.bench.machine import DEVICES, DTYPES
+from bild.bench.machine import add_machine_options
 from bild.calibration import (
     DEFAULT_CALIBRATION,
     DEFAULT_FALLBACKS,
@@ -57,9 +57,7 @@ def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=int)
     sub.add_argument("--max-new-tokens", type=int)
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub.add_argument("--device", help=f"{', '.join(DEVICES)} or cuda:N")
-    sub.add_argument("--dtype", help=f"{', '.join(DTYPES)} (auto: bfloat16 where it is native)")
-    sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_machine_options(sub, defaults=False)
     sub.set_defaults(run=run_calibrate)
     return sub
 

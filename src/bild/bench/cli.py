@@ -16,7 +16,7 @@ from bild.bench.align_cli import add_align_parser
 from bild.bench.bench_config import BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
 from bild.bench.calibrate_cli import add_calibrate_parser
 from bild.bench.loading import load_pair
-from bild.bench.machine import DEVICES, DTYPES, clock, resolve_device, resolve_dtype
+from bild.bench.machine import add_machine_options, clock, resolve_device, resolve_dtype
 from bild.bench.methods import greedy_kwargs, new_token_ids
 from bild.bench.plot import plot_pareto
 from bild.bench.report import markdown_table, write_results
@@ -94,7 +94,7 @@ def _add_generate_parser(verbs) -> argparse.ArgumentParser:
         help=f"most small-model drafts per round (default {DEFAULT_MAX_DRAFT_TOKENS})",
     )  # fmt: skip
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    _add_machine_options(gen)
+    add_machine_options(gen)
     gen.set_defaults(run=run_generate)
     return gen
 
@@ -109,20 +109,9 @@ def _add_run_parser(verbs, verb: str, help_text: str, run) -> argparse.ArgumentP
     sub.add_argument("--batch-size", type=int)
     sub.add_argument("--max-new-tokens", type=int)
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_machine_options(sub, defaults=False)
+    add_machine_options(sub, defaults=False)
     sub.set_defaults(run=run)
     return sub
-
-
-def _add_machine_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
-    parser.add_argument(
-        "--device", default="auto" if defaults else None, help=f"{', '.join(DEVICES)} or cuda:N"
-    )
-    parser.add_argument(
-        "--dtype", default="auto" if defaults else None,
-        help=f"{', '.join(DTYPES)} (auto: bfloat16 on a GPU or CPU that computes in it, else float32)",
-    )  # fmt: skip
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
 def _float_or_inf(text: str) -> float:

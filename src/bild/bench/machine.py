@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -16,6 +17,16 @@ import bild
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bfloat16 math
+
+
+def add_machine_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``--device``, ``--dtype`` and ``--threads`` for a ``bild`` verb (``defaults=False``: None, the config decides)."""
+    parser.add_argument("--device", default="auto" if defaults else None, help=f"{', '.join(DEVICES)} or cuda:N")
+    parser.add_argument(
+        "--dtype", default="auto" if defaults else None,
+        help=f"{', '.join(DTYPES)} (auto: bfloat16 on a GPU or CPU that computes in it, else float32)",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
 def resolve_device(device: str) -> torch.device:
