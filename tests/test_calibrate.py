@@ -26,6 +26,8 @@ from bild.calibration import (
     Budget,
     calibrate,
     check_metric,
+    choose,
+    grid_points,
     make_grid,
     method_cost,
     metric_difference,
@@ -164,6 +166,38 @@ def independent_speedups(results: dict, costs: DraftCosts) -> dict[str, float]:
     return {label: cost(results["methods"]["large"]) / cost(s) for label, s in results["methods"].items()}
 
 
+def calibration_low(search: dict, data_file: Path, label: str) -> float:
+    """The lower end of the 90% paired bootstrap interval of chrF - large over the search run's examples."""
+    rows = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
+    by_id = {row["id"]: Example(row["id"], row["source"], row["reference"]) for row in rows}
+    examples = [by_id[row["id"]] for row in search["examples"]]
+    ours = [row["outputs"][label]["prediction"] for row in search["examples"]]
+    large = [row["outputs"]["large"]["prediction"] for row in search["examples"]]
+    statistic = metric_difference(get_task("translation"), "chrf", examples, ours, large, sign=1.0)
+    return paired_bootstrap(statistic, len(examples), confidence=0.9, n_bootstrap=1000, seed=0)[1]
+
+
+def test_the_choice_needs_the_whole_interval_within_budget():
+    """The faster setting matches large on 9 of 10 examples (0.9 >= 0.8) but its interval reaches below 0.8:
+    the slower one, equal to large everywhere, is chosen."""
+    matches = {"fast": [1] * 9 + [0], "exact": [1] * 10}
+    speed = {"large": 1.0, "fast": 2.0, "exact": 1.5}
+    methods = {label: {"name": "large" if label == "large" else "bild", "params": {"rollback_threshold": 1.0},
+                       "quality": 0.0, "exact_match_large": sum(matches.get(label, [1] * 10)) / 10,
+                       "speedup": speed[label]} for label in speed}  # fmt: skip
+    examples = [{"outputs": {label: {"exact_match_large": bool(m[i])} for label, m in matches.items()}}
+                for i in range(10)]  # fmt: skip
+    results = {"methods": methods, "examples": examples, "task": {"higher_is_better": True}}
+    budget = Budget.parse("agreement>=0.8")
+    points = grid_points(results, get_task("translation"), [None] * 10, budget, None, confidence=0.9,
+                         n_bootstrap=1000, seed=0)  # fmt: skip
+    fast, exact = points
+    assert fast.statistic == pytest.approx(0.9) and budget.is_met(fast.statistic)
+    assert fast.low < 0.8 and not fast.is_within_budget
+    assert exact.low == exact.statistic == 1.0 and exact.is_within_budget
+    assert choose(points, budget, 10) is exact
+
+
 def test_calibrate_picks_the_fastest_setting_within_budget(tiny_pair, data_file, tmp_path):
     config = load_config(write_config(tmp_path, tiny_pair, data_file, skip=1))
     grid = make_grid([0.2, 0.6], [0.0, math.inf], [4])
@@ -176,11 +210,13 @@ def test_calibrate_picks_the_fastest_setting_within_budget(tiny_pair, data_file,
     speed = independent_speedups(search, costs)
     chrf = {label: s["scores"]["chrf"] for label, s in search["methods"].items()}
     settings = [label for label in search["methods"] if label != "large"]
-    within = [label for label in settings if chrf[label] >= chrf["large"] - 1]
-    expected = max(within, key=lambda label: (speed[label], chrf[label]))
+    low = {label: calibration_low(search, data_file, label) for label in settings}
+    within = [label for label in settings if low[label] >= -1]
+    expected = max(within, key=lambda label: (speed[label], low[label]))
     assert result.chosen.label == saved["choice"]["label"] == expected
     assert sorted(p.label for p in result.grid if p.is_within_budget) == sorted(within)
     assert [p.speedup for p in result.grid] == pytest.approx([speed[label] for label in settings])
+    assert [p.statistic for p in result.grid] == pytest.approx([chrf[label] - chrf["large"] for label in settings])
     # the budget mattered: the fastest setting overall (the small model unchecked) is outside it
     fastest = max(settings, key=speed.get)
     assert fastest not in within and speed[fastest] > speed[expected]
@@ -204,8 +240,8 @@ def test_calibrate_refuses_when_no_setting_meets_the_budget(tiny_pair, data_file
     """Only the small model's own output (never fall back, never roll back) against "equal to large everywhere"."""
     config = load_config(write_config(tmp_path, tiny_pair, data_file))
     grid = make_grid([0.0], [math.inf], [32])
-    message = (r"No grid setting meets the budget agreement>=1 .* reached agreement 0\.\d+\. "
-               r"Loosen the budget \(e\.g\. 'agreement>=0\.\d+'\) .*rollback_threshold=0")  # fmt: skip
+    message = (r"No grid setting meets the budget agreement>=1 .* reached agreement 0\.\d+ \(interval down to 0\.\d+\)\. "
+               r"Use more calibration examples .* loosen the budget \(e\.g\. 'agreement>=0\.\d+'\) .*rollback_threshold=0")
     with pytest.raises(ValueError, match=message):
         calibrate(config, "agreement>=1", grid=grid, calibration=6, held_out=2, out_dir=tmp_path / "out",
                   progress=False)  # fmt: skip
@@ -237,3 +273,21 @@ def test_cli_writes_a_config_that_loads_and_decodes(tiny_pair, data_file, tmp_pa
         ours = large.generate(**inputs, generation_config=loaded, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         greedy = large.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     assert torch.equal(ours, greedy)
+
+
+def test_calibrate_drafts_with_a_named_drafter(tiny_pair, data_file, tmp_path):
+    """Every setting and the held-out check draft with the config's int8 drafter, priced by the given costs."""
+    config = load_config(write_config(tmp_path, tiny_pair, data_file, drafters={"int8": {"quantization": "int8"}}))
+    grid = make_grid([0.4], [0.0, math.inf], [4])
+    options = {"grid": grid, "calibration": 3, "held_out": 2, "out_dir": tmp_path / "out", "progress": False}
+    with pytest.raises(ValueError, match=r"drafter 'int4' is not one of the config's drafters \(\['int8'\]\)"):
+        calibrate(config, "agreement>=0.5", drafter="int4", **options)
+    with pytest.raises(ValueError, match="--draft-costs costs.json"):
+        calibrate(config, "agreement>=0.5", drafter="int8", **options)
+    costs = DraftCosts(small=((1, 0.2), (8, 0.4)), large=((1, 1.0), (8, 1.5)))
+    result = calibrate(config, "agreement>=0.5", drafter="int8", draft_costs=costs, **options)
+    search = json.loads((tmp_path / "out" / "search" / "results.json").read_text(encoding="utf-8"))
+    assert [p.label for p in result.grid] == ["bild(0.4, 0, 4) [int8]", "bild(0.4, inf, 4) [int8]"]
+    assert search["config"]["drafters"] == {"int8": {"quantization": "int8"}}
+    held = json.loads((tmp_path / "out" / "held-out" / "results.json").read_text(encoding="utf-8"))
+    assert list(held["methods"]) == ["large", result.chosen.label]

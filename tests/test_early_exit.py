@@ -12,8 +12,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import bild
 from bild.decoding import BatchState, DecoderInputs, can_batch_rows
-from bild.early_exit import EarlyExitDrafter, additive_mask, early_exit, train_exit
+from bild.early_exit import EarlyExitDrafter, additive_mask, distillation_loss, early_exit, train_exit
 from bild.integration import check_pair, vocab_size
+from bild.schedule import forward_bytes
 
 EXIT_LAYER = 2
 N_LAYERS = 4
@@ -212,6 +213,29 @@ def test_batch_equals_rows_alone(exit_model):
     assert sum(batched.bild_stats.rollbacks) > 0 and sum(batched.bild_stats.accepted) > 0
 
 
+def test_compressed_exit_head_drafts_while_the_large_model_verifies_with_its_own(exit_model):
+    """bild.compress_drafter on an exit: an int8 copy of the head drafts; the large model and its head are untouched,
+    so rollback 0 still equals large greedy."""
+    large, drafter, _ = exit_model
+    head_weight = large.lm_head.weight.detach().clone()
+    compressed = bild.compress_drafter(copy.deepcopy(drafter), quantization="int8")
+    assert compressed.large is large and large.get_output_embeddings() is large.lm_head
+    assert compressed.get_output_embeddings() is compressed.draft_head is not large.lm_head
+    assert torch.equal(large.lm_head.weight, head_weight)
+    assert forward_bytes(compressed) < forward_bytes(drafter)
+    token_ids = prompts(1, seed=5)[0]
+    with torch.inference_mode():
+        ours, theirs = compressed(token_ids[None]).logits[0], drafter(token_ids[None]).logits[0]
+    assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()  # int8 weights, per-row scales
+
+    ids, mask = left_pad(prompts(4))
+    expected = large.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    out = bild_generate(large, compressed, ids, mask, fallback_threshold=0.5, rollback_threshold=0.0,
+                        max_draft_tokens=6)  # fmt: skip
+    assert [strip(r) for r in out.sequences] == [strip(r) for r in expected]
+    assert sum(out.bild_stats.accepted) > 0
+
+
 def test_drafted_tokens_do_not_pass_the_shared_layers_twice(exit_model):
     """Shared: every token crosses layer 0 once, exactly as often as layer k; a plain run pays the drafter's on top."""
     large, drafter, _ = exit_model
@@ -272,6 +296,29 @@ def test_zero_learning_rate_changes_nothing(exit_model):
     drafter = early_exit(large, EXIT_LAYER)
     result = train_exit(large, drafter, training_text(), steps=3, lr=0.0, batch_size=8, seq_len=24, progress=False)
     assert result["after"] == result["before"]
+
+
+def test_large_model_runs_once_per_training_window(exit_model):
+    """30 steps of 4 windows draw each of the 5 windows many times; the large model reads each one once (plus
+    the held-out windows for agreement before and after)."""
+    large, _, _ = exit_model
+    texts = training_text(6)  # 5 training windows of 24 tokens, 1 held out
+    with TokenCounter(large=large.model.embed_tokens) as counts:
+        train_exit(large, early_exit(large, EXIT_LAYER), texts, steps=30, batch_size=4, seq_len=24, progress=False)
+    assert counts["large"] == (5 + 2 * 1) * 24
+
+
+def test_distillation_loss_is_kl_over_the_top_k():
+    target = torch.tensor([[[2.0, 1.0, 0.0, -9.0]]])  # [1, 1, V]
+    student = torch.tensor([[[0.0, 1.0, 0.5, 3.0]]])
+    top_logp, top_ids = target.log_softmax(-1).topk(3, dim=-1)
+    kept = top_logp.log_softmax(-1)[0, 0]  # the target renormalized over its top 3
+    expected = (kept.exp() * (kept - student.log_softmax(-1)[0, 0, top_ids[0, 0]])).sum()
+    mask = torch.ones(1, 1)
+    assert distillation_loss(student, top_logp, top_ids, mask, "kl") == pytest.approx(float(expected))
+    assert distillation_loss(student, top_logp, top_ids, mask, "ce") == pytest.approx(
+        float(-student.log_softmax(-1)[0, 0, 0]))
+    assert distillation_loss(target, top_logp, top_ids, mask, "kl") < 1e-3  # the student is the target
 
 
 def test_saved_adapter_reloads(exit_model, tmp_path):

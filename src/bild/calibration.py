@@ -1,9 +1,10 @@
 """Calibration: the fastest BiLD setting within a stated quality budget, confirmed on held-out examples.
 
 `calibrate` runs the large model and a grid of BiLD settings on a calibration slice of a benchmark's data
-(``bild bench`` machinery), picks the fastest setting whose quality stays within the `Budget`, then runs
-the large model and that setting on the following, never overlapping, held-out slice and reports a paired
-bootstrap interval of the budget's statistic there.
+(``bild bench`` machinery), picks the fastest setting whose quality stays within the `Budget` over the whole
+paired bootstrap interval of its statistic (not only at the point estimate: of many settings, the fastest one
+that merely touches the budget is mostly the luckiest), then runs the large model and that setting on the
+following, never overlapping, held-out slice and reports the same interval there.
 
 Speed from model calls (``speed="calls"``, the default; deterministic): the cost of a method on a slice, in
 units of one single-token large-model forward (`bild.DraftCosts`), is
@@ -149,9 +150,10 @@ class GridPoint:
     params: dict  # the BiLD settings (`bild.BildSettings` fields)
     quality: float  # the task's headline metric
     statistic: float  # the budget's statistic: metric difference to large (>= threshold is good), or agreement
+    low: float  # lower end of the statistic's paired bootstrap interval on the calibration slice
     agreement: float  # fraction of examples whose output equals large's greedy output
     speedup: float  # vs large: estimated from model calls, or measured wall time (`speed`)
-    is_within_budget: bool
+    is_within_budget: bool  # the budget holds for the whole interval (``low``), not only the point estimate
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,8 @@ class CalibrationResult:
         lines = [
             f"Budget {self.budget} ({self.budget.describe()}); speed from {SPEED_WORDS[self.speed]}.",
             f"Calibration, examples {self.calibration_first}..{self.calibration_first + self.n_calibration - 1}: "
-            f"{sum(p.is_within_budget for p in self.grid)} of {len(self.grid)} settings within budget; chose "
+            f"{sum(p.is_within_budget for p in self.grid)} of {len(self.grid)} settings within budget over their "
+            f"{self.held_out.confidence:.0%} interval; chose "
             f"{chosen.label}: {chosen.speedup:.2f}x, {format_statistic(self.budget, chosen.statistic)}.",
         ]
         if lossless is not None:
@@ -251,6 +254,7 @@ def calibrate(
     confidence: float = 0.9,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    drafter: str | None = None,
     progress: bool = True,
 ) -> CalibrationResult:
     """The fastest BiLD setting of ``grid`` within ``budget`` on a calibration slice, checked on a held-out slice.
@@ -268,7 +272,10 @@ def calibrate(
         speed: ``"calls"`` (model-call counts priced with `bild.DraftCosts`, see the module docstring) or ``"wall"``.
         draft_costs: for ``"calls"``: measured costs (`bild.DraftCosts`, its dict or JSON file); None estimates
             them from the weight bytes of both models.
-        confidence, n_bootstrap, seed: the held-out paired bootstrap (two-sided interval, resamples, its seed).
+        confidence, n_bootstrap, seed: the paired bootstrap on both slices (two-sided interval, resamples, seed).
+        drafter: a name from the config's ``drafters`` (e.g. its int4 drafter) that every setting drafts with;
+            None: the config's plain small model. A compressed or early-exit drafter needs measured ``draft_costs``
+            with ``speed="calls"`` (weight bytes of the uncompressed model would misprice it).
         progress: show run_bench's progress bars.
 
     Raises:
@@ -281,13 +288,16 @@ def calibrate(
     task = get_task(config.task)
     calibration_examples, held_out_examples = load_slices(task, config, calibration, held_out)
     check_metric(task, budget, calibration_examples)
-    costs = resolve_costs(speed, draft_costs, config)
-    methods = [LARGE, *({"name": "bild", **settings} for settings in grid)]  # validated by the bench config
-    search = run_bench(config.replace(methods=methods, limit=calibration, drafters={}), progress=progress)
-    points = grid_points(search, budget, costs)
+    drafters = drafter_entry(config, drafter)
+    costs = resolve_costs(speed, draft_costs, config, drafters.get(drafter))
+    uses = {"drafter": drafter} if drafter else {}
+    methods = [LARGE, *({"name": "bild", **settings, **uses} for settings in grid)]  # validated by the bench config
+    search = run_bench(config.replace(methods=methods, limit=calibration, drafters=drafters), progress=progress)
+    points = grid_points(search, task, calibration_examples, budget, costs, confidence=confidence,
+                         n_bootstrap=n_bootstrap, seed=seed)
     chosen = choose(points, budget, calibration)
-    held_config = config.replace(methods=[LARGE, {"name": "bild", **chosen.params, "label": chosen.label}],
-                                 skip=config.skip + calibration, limit=held_out, drafters={})  # fmt: skip
+    held_config = config.replace(methods=[LARGE, {"name": "bild", **chosen.params, "label": chosen.label, **uses}],
+                                 skip=config.skip + calibration, limit=held_out, drafters=drafters)  # fmt: skip
     check_run = run_bench(held_config, progress=progress)
     check = confirm(check_run, task, held_out_examples, budget, chosen.label, costs, first=config.skip + calibration,
                     confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
@@ -348,11 +358,34 @@ def check_metric(task: Task, budget: Budget, examples: list[Example]) -> None:
         )
 
 
-def resolve_costs(speed: str, draft_costs: DraftCosts | dict | str | None, config: BenchConfig) -> DraftCosts | None:
-    """The costs that price model calls: None for wall time, the given ones, else `estimate_costs`."""
+def drafter_entry(config: BenchConfig, drafter: str | None) -> dict:
+    """``{drafter: its settings}`` from the config's ``drafters`` (empty for None); ValueError naming the choices."""
+    if drafter is None:
+        return {}
+    if drafter not in config.drafters:
+        names = sorted(config.drafters) or "none: add a `drafters:` entry to the config"
+        raise ValueError(f"drafter {drafter!r} is not one of the config's drafters ({names}).")
+    return {drafter: config.drafters[drafter]}
+
+
+def resolve_costs(speed: str, draft_costs: DraftCosts | dict | str | None, config: BenchConfig,
+                  drafter: dict | None = None) -> DraftCosts | None:  # fmt: skip
+    """The costs that price model calls: None for wall time, the given ones, else `estimate_costs`.
+
+    ``drafter``: the settings of a config drafter; only an uncompressed other model can be estimated.
+    """
     if speed == "wall":
         return None
-    return DraftCosts.load(draft_costs) if draft_costs is not None else estimate_costs(config)
+    if draft_costs is not None:
+        return DraftCosts.load(draft_costs)
+    drafter = drafter or {}
+    if drafter.get("quantization") or drafter.get("vocab_size") or drafter.get("early_exit"):
+        raise ValueError(
+            f"The costs of a compressed or early-exit drafter ({drafter}) cannot be read from model files: "
+            "give measured costs (draft_costs=..., `--draft-costs costs.json` from `scripts/profile_pair.py "
+            "--compress int4 --save costs.json`) or use speed='wall'."
+        )
+    return estimate_costs(config.replace(small=drafter["model"]) if drafter.get("model") else config)
 
 
 def estimate_costs(config: BenchConfig) -> DraftCosts:
@@ -396,41 +429,41 @@ def speedups(results: dict, costs: DraftCosts | None) -> dict[str, float]:
     return {label: large_cost / method_cost(summary, costs, rows) for label, summary in methods.items()}
 
 
-def budget_statistic(budget: Budget, summary: dict, large: dict, higher_is_better: bool) -> float:
-    """Agreement with large, or the metric difference to large (sign flipped when lower is better)."""
-    if budget.is_agreement:
-        return summary["exact_match_large"]
-    sign = 1.0 if higher_is_better else -1.0
-    return sign * (summary["scores"][budget.metric] - large["scores"][budget.metric])
+def grid_points(results: dict, task: Task, examples: list[Example], budget: Budget, costs: DraftCosts | None, *,
+                confidence: float, n_bootstrap: int, seed: int) -> list[GridPoint]:  # fmt: skip
+    """Every BiLD method of a bench run as a `GridPoint`, in grid order, with its paired bootstrap lower bound.
 
-
-def grid_points(results: dict, budget: Budget, costs: DraftCosts | None) -> list[GridPoint]:
-    """Every BiLD method of a bench run as a `GridPoint`, in grid order."""
-    methods, higher_is_better = results["methods"], results["task"]["higher_is_better"]
+    A setting is within budget only when the lower end of its interval is: the fastest of twenty settings
+    whose point estimate merely touches the budget is mostly the luckiest one (the winner's curse), and a
+    held-out slice then shows the loss the calibration slice hid.
+    """
     speed = speedups(results, costs)
     points = []
-    for label, summary in methods.items():
+    for label, summary in results["methods"].items():
         if summary["name"] != "bild":
             continue
-        statistic = budget_statistic(budget, summary, methods[LARGE], higher_is_better)
-        points.append(GridPoint(label, dict(summary["params"]), summary["quality"], statistic,
-                                summary["exact_match_large"], speed[label], budget.is_met(statistic)))  # fmt: skip
+        statistic = run_statistic(results, task, examples, budget, label)
+        point, low, _ = paired_bootstrap(statistic, len(examples), confidence=confidence, n_bootstrap=n_bootstrap,
+                                         seed=seed)  # fmt: skip
+        points.append(GridPoint(label, dict(summary["params"]), summary["quality"], point, low,
+                                summary["exact_match_large"], speed[label], budget.is_met(low)))  # fmt: skip
     return points
 
 
 def choose(points: list[GridPoint], budget: Budget, n_examples: int) -> GridPoint:
-    """The fastest point within budget (ties: the better statistic, then grid order); ValueError if none is."""
+    """The fastest point within budget (ties: the better lower bound, then grid order); ValueError if none is."""
     within = [p for p in points if p.is_within_budget]
     if within:
-        return max(within, key=lambda p: (p.speedup, p.statistic))
-    best = max(points, key=lambda p: p.statistic)
-    looser = f"agreement>={math.floor(best.statistic * 100) / 100:g}" if budget.is_agreement else (
-        f"{budget.metric}>={math.floor(best.statistic):g}")  # fmt: skip
+        return max(within, key=lambda p: (p.speedup, p.low))
+    best = max(points, key=lambda p: p.low)
+    looser = f"agreement>={math.floor(best.low * 100) / 100:g}" if budget.is_agreement else (
+        f"{budget.metric}>={math.floor(best.low):g}")  # fmt: skip
     raise ValueError(
-        f"No grid setting meets the budget {budget} ({budget.describe()}) on the {n_examples} calibration examples: "
-        f"the best, {best.label}, reached {format_statistic(budget, best.statistic)}. Loosen the budget (e.g. "
-        f"{looser!r}) or add lossless settings (rollback_threshold=0, `--rollback 0`), whose output equals the "
-        "large model's."
+        f"No grid setting meets the budget {budget} ({budget.describe()}) over its bootstrap interval on the "
+        f"{n_examples} calibration examples: the best, {best.label}, reached {format_statistic(budget, best.statistic)} "
+        f"(interval down to {best.low:.3g}). Use more calibration examples (--calibration), loosen the budget "
+        f"(e.g. {looser!r}) or add lossless settings (rollback_threshold=0, `--rollback 0`), whose output equals "
+        "the large model's."
     )
 
 
@@ -449,7 +482,7 @@ def confirm(results: dict, task: Task, examples: list[Example], budget: Budget, 
 
     ``first``: the index in the data of the run's first example (for the report).
     """
-    statistic = held_out_statistic(results, task, examples, budget, label)
+    statistic = run_statistic(results, task, examples, budget, label)
     n_examples = len(results["examples"])
     point, low, high = paired_bootstrap(statistic, n_examples, confidence=confidence, n_bootstrap=n_bootstrap,
                                         seed=seed)  # fmt: skip
@@ -458,9 +491,9 @@ def confirm(results: dict, task: Task, examples: list[Example], budget: Budget, 
                         confidence, n_bootstrap, seed, speedup, verdict(budget, point, low))
 
 
-def held_out_statistic(results: dict, task: Task, examples: list[Example], budget: Budget,
+def run_statistic(results: dict, task: Task, examples: list[Example], budget: Budget,
                        label: str) -> Callable[[np.ndarray], float]:  # fmt: skip
-    """``statistic(indices)`` of the budget for ``label`` on those examples of a bench run."""
+    """``statistic(indices)`` of the budget for ``label`` on those examples of a bench run (either slice)."""
     outputs = [row["outputs"] for row in results["examples"]]
     if budget.is_agreement:
         matches = np.array([out[label]["exact_match_large"] for out in outputs], dtype=float)  # [n]
@@ -477,6 +510,8 @@ def metric_difference(task: Task, metric: str, examples: list[Example], predicti
     Mean metrics (`MEAN_METRICS`) are scored once per example (identical predictions count 0 unscored);
     corpus metrics are rescored with ``task.score`` on every call.
     """
+    if predictions == large_predictions:  # lossless on this slice: no resample can differ (and rescoring is slow)
+        return lambda idx: 0.0
     if metric in MEAN_METRICS:
         differences = np.array([
             0.0 if ours == theirs else
@@ -556,12 +591,14 @@ def markdown_report(result: CalibrationResult) -> str:
         "",
         f"Large model on the calibration slice: {result.metric} {result.large_quality:.4g}.",
         "",
-        f"| setting | {result.metric} | {name} | =large | speedup | within budget |",
-        "|---|---:|---:|---:|---:|:---:|",
+        f"| setting | {result.metric} | {name} | {result.held_out.confidence:.0%} interval from | =large | speedup | "
+        "within budget |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
     ]
     for p in result.grid:
         label = f"**{p.label}**" if p.label == result.chosen.label else p.label
-        lines.append(f"| {label} | {p.quality:.4g} | {p.statistic:+.4g} | {p.agreement:.2f} | {p.speedup:.2f}x | "
+        lines.append(f"| {label} | {p.quality:.4g} | {p.statistic:+.4g} | {p.low:+.4g} | {p.agreement:.2f} | "
+                     f"{p.speedup:.2f}x | "
                      f"{'yes' if p.is_within_budget else 'no'} |")  # fmt: skip
     check = result.held_out
     lines += [
@@ -571,6 +608,7 @@ def markdown_report(result: CalibrationResult) -> str:
         f"{check.confidence:.0%} interval [{check.low:+.4g}, {check.high:+.4g}] ({check.n_bootstrap} resamples, "
         f"seed {check.seed}). Verdict: **{check.verdict}**.",
         "",
+        "Within budget on the calibration slice: the whole interval is (its lower end meets the budget). "
         "Verdicts: confirmed = the whole interval is within the budget; not confirmed = only the point estimate "
         "is (the held-out data cannot support the claim: use more held-out examples); violated = the point "
         "estimate is outside the budget.",

@@ -31,9 +31,9 @@ LOSSES = ("kl", "ce")
 ADAPTER_WEIGHTS = "exit_adapter.safetensors"
 ADAPTER_CONFIG = "exit_adapter.json"
 MIN_CAPACITY = 64  # sequence indices of hidden states kept per row up front; the buffer doubles when it fills
-
-
+TARGET_TOP_K = 32  # large-model next-token probabilities kept per position for the adapter's KL
 EXIT_LEARNING_RATE = 1e-4  # adapter AdamW step size; 5e-4 was unstable on Qwen2.5-Coder-1.5B
+
 
 def early_exit(
     large: PreTrainedModel, exit_layer: int, adapter: str | Path | None = None, init: str = "identity"
@@ -248,7 +248,8 @@ class EarlyExitDrafter(PreTrainedModel, GenerationMixin):
     """The large model's first k decoder layers, then an adapter layer and the large model's final norm and head.
 
     The large model is a plain attribute (``drafter.large``), not a submodule: nothing of it is copied, saved,
-    moved or trained with the drafter; ``parameters()`` are the adapter's alone. Works as any small model
+    moved or trained with the drafter; ``parameters()`` are the adapter's (and a compressed draft head's, see
+    `set_output_embeddings`). Works as any small model
     (``bild.attach(large, drafter)``, ``drafter.generate()``); BiLD decoding goes through `bild_decoders`.
     """
 
@@ -260,6 +261,7 @@ class EarlyExitDrafter(PreTrainedModel, GenerationMixin):
         object.__setattr__(self, "large", large)  # bypasses nn.Module's child registration
         self.exit_layer = exit_layer
         self.adapter = adapter
+        self.draft_head = None  # a drafter-only output layer (set_output_embeddings: bild.compress_drafter)
         self.generation_config = copy.deepcopy(large.generation_config)
 
     def __deepcopy__(self, memo: dict) -> EarlyExitDrafter:
@@ -288,13 +290,23 @@ class EarlyExitDrafter(PreTrainedModel, GenerationMixin):
         return self.large.model.embed_tokens
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.large.lm_head
+        return self.large.lm_head if self.draft_head is None else self.draft_head
+
+    def set_output_embeddings(self, head: nn.Module) -> None:
+        """Draft with ``head`` (e.g. an int4 copy of the large model's, from `bild.compress_drafter`); the large
+        model keeps its own for verification, so outputs stay exact."""
+        self.draft_head = head
 
     def tie_weights(self, *args, **kwargs) -> None:
         """Nothing to tie: the embeddings and the head are the large model's, tied (or not) there."""
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`(B, L, V)` logits of `(B, L, H)` final hidden states: the large model's final norm and output layer."""
+        """`(B, L, V)` draft logits of `(B, L, H)` final hidden states: the large model's final norm, then the
+        drafter's output layer (the large model's unless `set_output_embeddings` gave another)."""
+        return self.get_output_embeddings()(self.large.model.norm(hidden))
+
+    def large_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`(B, L, V)` logits of the large model's last hidden states: its own final norm and output layer."""
         return self.large.lm_head(self.large.model.norm(hidden))
 
     def forward(
@@ -349,8 +361,8 @@ class EarlyExitDrafter(PreTrainedModel, GenerationMixin):
 
     def bild_forward_bytes(self) -> int:
         """Bytes of weights one drafter forward reads: layers < k, the adapter, the final norm and the head."""
-        modules = [*self.lower_layers, self.adapter, self.large.model.norm, self.large.lm_head]
-        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        modules = [*self.lower_layers, self.adapter, self.large.model.norm, self.get_output_embeddings()]
+        return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the adapter's weights and what it fits (exit layer, architecture) into the folder ``path``."""
@@ -365,7 +377,7 @@ class EarlyExitDrafter(PreTrainedModel, GenerationMixin):
 
     def load_adapter(self, path: str | Path) -> None:
         """Load weights written by `save_adapter`; ValueError when they were trained for another model or layer."""
-        path = Path(path)
+        path = Path(path).expanduser()
         if not (path / ADAPTER_WEIGHTS).is_file():
             raise ValueError(
                 f"{path} holds no {ADAPTER_WEIGHTS}: pass a folder written by drafter.save_adapter()."
@@ -409,6 +421,7 @@ class ExitDecoder:
         self.vocab_size = vocab_size
         self.group = cache.upper if is_large else cache.adapter
         self.layers = drafter.upper_layers if is_large else [drafter.adapter]
+        self.head = drafter.large_head if is_large else drafter.head
 
     def forward(
         self, state, is_advancing: torch.Tensor, first_target: torch.Tensor, n_targets: int
@@ -418,7 +431,7 @@ class ExitDecoder:
         chunk = Chunk.unseen(state, self.group.n_seen, is_advancing)
         hidden = self.cache.hidden_at(chunk.index)  # [B, L, H] input of layer k
         hidden = self._run(self.layers, hidden, self.group, chunk)
-        logits = self.drafter.head(chunk.target_states(hidden, first_target, n_targets))  # [B, n_targets, V]
+        logits = self.head(chunk.target_states(hidden, first_target, n_targets))  # [B, n_targets, V]
         return logits[..., : self.vocab_size].float()
 
     def run_lower(self, state, is_advancing: torch.Tensor) -> None:
@@ -458,8 +471,9 @@ def train_exit(
 ) -> dict:
     """Train ``drafter``'s adapter to match the frozen large model; return next-token agreement before and after.
 
-    Each step runs the large model once on ``batch_size`` windows of ``seq_len`` tokens: its hidden states at
-    layer k are the adapter's input, its distribution the target (``loss="kl"``: KL(large || drafter);
+    Each step draws ``batch_size`` windows of ``seq_len`` tokens. The frozen large model runs once per window, the
+    first time a step draws it (`TargetCache`): its hidden states at layer k are the adapter's input, its top
+    `TARGET_TOP_K` next-token probabilities the target (``loss="kl"``: KL(large || drafter) over them;
     ``"ce"``: cross-entropy on its argmax). Only the adapter is trained (AdamW, float32 master weights).
 
     Args:
@@ -549,14 +563,44 @@ def exit_logits(
     return torch.func.functional_call(large.lm_head, frozen[large.lm_head], (hidden,))
 
 
-def distillation_loss(student_logits, target_logits, mask: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean over real positions of KL(target || student) (``"kl"``) or cross-entropy on the target's argmax."""
+def distillation_loss(student_logits: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor,
+                      mask: torch.Tensor, loss: str) -> torch.Tensor:  # fmt: skip
+    """Mean over real positions of KL(target || student) on the target's top-k (``"kl"``; the target renormalized
+    over them) or cross-entropy on its argmax (``"ce"``). ``top_logp``/``top_ids``: `(B, T, K)`, best first."""
     is_real = mask.bool()  # [B, T]
     student = student_logits[is_real].float().log_softmax(dim=-1)  # [n, V]
-    target = target_logits[is_real].float()
+    ids = top_ids[is_real]  # [n, K]
     if loss == "ce":
-        return F.nll_loss(student, target.argmax(dim=-1))
-    return F.kl_div(student, target.log_softmax(dim=-1), log_target=True, reduction="batchmean")
+        return F.nll_loss(student, ids[:, 0])
+    target = top_logp[is_real].float().log_softmax(dim=-1)  # [n, K]
+    return (target.exp() * (target - student.gather(-1, ids))).sum(dim=-1).mean()
+
+
+class TargetCache:
+    """The frozen large model's side of each training window, computed the first time a step draws the window:
+    layer-k inputs `(T, H)` and the top `top_k` next-token log-probabilities and ids `(T, K)`.
+
+    The large forward is most of a training step on CPU; steps that draw a window again skip it. Memory: one
+    `(T, H)` hidden state per window (0.8 MB for T=256, H=1536 in bfloat16).
+    """
+
+    def __init__(self, large: PreTrainedModel, exit_layer: int, token_ids: torch.Tensor, mask: torch.Tensor,
+                 top_k: int, device: torch.device):  # fmt: skip
+        self.large, self.exit_layer, self.top_k, self.device = large, exit_layer, top_k, device
+        self.token_ids, self.mask = token_ids, mask  # [N, T]
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(hidden [B, T, H], top_logp [B, T, K], top_ids [B, T, K])`` of the windows ``rows``."""
+        missing = sorted(set(rows) - set(self.entries))
+        if missing:
+            ids, mask = self.token_ids[missing].to(self.device), self.mask[missing].to(self.device)
+            hidden, logits = large_targets(self.large, self.exit_layer, ids, mask)
+            top_logp, top_ids = logits.float().log_softmax(dim=-1).topk(min(self.top_k, logits.shape[-1]), dim=-1)
+            for n, row in enumerate(missing):
+                self.entries[row] = (hidden[n], top_logp[n], top_ids[n])
+        hidden, top_logp, top_ids = zip(*(self.entries[row] for row in rows), strict=True)
+        return torch.stack(hidden), torch.stack(top_logp), torch.stack(top_ids)
 
 
 def fit_adapter(
@@ -566,18 +610,18 @@ def fit_adapter(
     """AdamW on a float32 copy of the adapter, copied back into ``drafter.adapter`` at the end; the losses."""
     device = drafter.adapter.input_layernorm.weight.device
     generator = torch.Generator().manual_seed(seed)
+    targets = TargetCache(large, drafter.exit_layer, token_ids, mask, TARGET_TOP_K, device)
     master = copy.deepcopy(drafter.adapter).float().train()
     optimizer = torch.optim.AdamW(master.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     bar = tqdm(range(steps), desc=f"exit adapter (layer {drafter.exit_layer})", disable=not progress)
     with torch.enable_grad():
         for _ in bar:
-            rows = torch.randint(len(token_ids), (min(batch_size, len(token_ids)),), generator=generator)
-            ids, row_mask = token_ids[rows].to(device), mask[rows].to(device)  # [B, T]
-            hidden, target_logits = large_targets(large, drafter.exit_layer, ids, row_mask)
-            step_loss = distillation_loss(
-                exit_logits(drafter, master, hidden, row_mask), target_logits, row_mask, loss
-            )
+            rows = torch.randint(len(token_ids), (min(batch_size, len(token_ids)),), generator=generator).tolist()
+            hidden, top_logp, top_ids = targets.get(rows)
+            row_mask = mask[rows].to(device)  # [B, T]
+            step_loss = distillation_loss(exit_logits(drafter, master, hidden, row_mask), top_logp, top_ids,
+                                          row_mask, loss)  # fmt: skip
             optimizer.zero_grad()
             step_loss.backward()
             optimizer.step()

@@ -50,6 +50,8 @@ def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
                      help="calls: model-call counts priced with bild.DraftCosts (default, deterministic); wall: wall "
                      "time")  # fmt: skip
     sub.add_argument("--draft-costs", type=Path, help="measured DraftCosts JSON (scripts/profile_pair.py --save)")
+    sub.add_argument("--drafter", help="draft with this entry of the config's `drafters` (e.g. int4; default: the "
+                     "plain small model); a compressed one needs --draft-costs")  # fmt: skip
     sub.add_argument("--confidence", type=float, default=0.9, help="two-sided bootstrap interval (default 0.9)")
     sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     sub.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
@@ -75,7 +77,7 @@ def run_calibrate(args) -> int:
     result = calibrate(
         config, args.budget, grid=grid, calibration=args.calibration, held_out=args.held_out, out_dir=out_dir,
         speed=args.speed, draft_costs=args.draft_costs, confidence=args.confidence, n_bootstrap=args.bootstrap,
-        seed=args.seed, progress=not args.quiet,
+        seed=args.seed, drafter=args.drafter, progress=not args.quiet,
     )  # fmt: skip
     print(result.summary())
     names = ("generation_config.json", "calibration.json", "calibration.md", "pareto.png")
