@@ -162,3 +162,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+    finally:
+        distributed.finish()

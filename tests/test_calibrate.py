@@ -198,6 +198,26 @@ def test_the_choice_needs_the_whole_interval_within_budget():
     assert choose(points, budget, 10) is exact
 
 
+def test_a_setting_that_changes_answers_needs_more_than_six_unchanged_scores():
+    """pass@1 on 6 problems: "changed" rewrites 4 answers (all still pass), "same" changes none. Without the
+    pessimistic pseudo-example both intervals would be [0, 0]; with it only the unchanged setting is safe."""
+    example = Example("f", "def f():\n", "    return 1\n",
+                      {"test": "def check(candidate):\n    assert candidate() == 1\n", "entry_point": "f"})
+    answers = {"large": ["    return 1\n"] * 6, "same": ["    return 1\n"] * 6,
+               "changed": ["    return 1\n"] * 2 + ["    return 2 - 1\n"] * 4}  # fmt: skip
+    methods = {label: {"name": "large" if label == "large" else "bild", "params": {}, "quality": 1.0,
+                       "exact_match_large": 1.0, "speedup": 1.0} for label in answers}  # fmt: skip
+    examples = [{"outputs": {label: {"prediction": preds[i], "exact_match_large": preds[i] == answers["large"][i]}
+                             for label, preds in answers.items()}} for i in range(6)]  # fmt: skip
+    results = {"methods": methods, "examples": examples, "task": {"higher_is_better": True}}
+    budget = Budget.parse("pass@1>=0")
+    same, changed = grid_points(results, get_task("code"), [example] * 6, budget, None, confidence=0.9,
+                                n_bootstrap=1000, seed=0)  # fmt: skip
+    assert same.statistic == changed.statistic == 0.0
+    assert same.low == 0.0 and same.is_within_budget
+    assert changed.low < 0 and not changed.is_within_budget
+
+
 def test_calibrate_picks_the_fastest_setting_within_budget(tiny_pair, data_file, tmp_path):
     config = load_config(write_config(tmp_path, tiny_pair, data_file, skip=1))
     grid = make_grid([0.2, 0.6], [0.0, math.inf], [4])

@@ -4,7 +4,9 @@
 (``bild bench`` machinery), picks the fastest setting whose quality stays within the `Budget` over the whole
 paired bootstrap interval of its statistic (not only at the point estimate: of many settings, the fastest one
 that merely touches the budget is mostly the luckiest), then runs the large model and that setting on the
-following, never overlapping, held-out slice and reports the same interval there.
+following, never overlapping, held-out slice and reports the same interval there. For pass@1 and agreement
+budgets the bootstrap of a setting that changes some outputs also draws one unseen example at its worst
+(`WORST_EXAMPLE`): changed answers that happened to keep their score are not proof of safety.
 
 Speed from model calls (``speed="calls"``, the default; deterministic): the cost of a method on a slice, in
 units of one single-token large-model forward (`bild.DraftCosts`), is
@@ -52,6 +54,10 @@ DEFAULT_HELD_OUT = 20
 # Metrics that are means of per-example scores: the bootstrap scores each example once and averages.
 # Corpus metrics (BLEU, chrF) are rescored on every resample with the task's own `score`.
 MEAN_METRICS = frozenset({"pass@1", "rouge1", "rouge2", "rougeL"})
+# Per-example statistics with a worst value. Their bootstrap includes one pessimistic pseudo-example at that value
+# whenever a setting's outputs differ from large's: without it, a setting that changed 4 of 6 HumanEval answers
+# and lost none has the interval [0, 0], is chosen as safe, and then loses a held-out problem.
+WORST_EXAMPLE = {"pass@1": -1.0, AGREEMENT: 0.0}
 TOLERANCE = 1e-9  # float slack when comparing a statistic with the budget (0.3 - 0.1 - 0.2 != 0)
 CONFIRMED = "confirmed"
 NOT_CONFIRMED = "not confirmed (the held-out data cannot support the claim)"
@@ -442,9 +448,9 @@ def grid_points(results: dict, task: Task, examples: list[Example], budget: Budg
     for label, summary in results["methods"].items():
         if summary["name"] != "bild":
             continue
-        statistic = run_statistic(results, task, examples, budget, label)
+        statistic, n_resampled = run_statistic(results, task, examples, budget, label)
         point, low, _ = paired_bootstrap(statistic, len(examples), confidence=confidence, n_bootstrap=n_bootstrap,
-                                         seed=seed)  # fmt: skip
+                                         seed=seed, n_resampled=n_resampled)  # fmt: skip
         points.append(GridPoint(label, dict(summary["params"]), summary["quality"], point, low,
                                 summary["exact_match_large"], speed[label], budget.is_met(low)))  # fmt: skip
     return points
@@ -482,42 +488,60 @@ def confirm(results: dict, task: Task, examples: list[Example], budget: Budget, 
 
     ``first``: the index in the data of the run's first example (for the report).
     """
-    statistic = run_statistic(results, task, examples, budget, label)
+    statistic, n_resampled = run_statistic(results, task, examples, budget, label)
     n_examples = len(results["examples"])
     point, low, high = paired_bootstrap(statistic, n_examples, confidence=confidence, n_bootstrap=n_bootstrap,
-                                        seed=seed)  # fmt: skip
+                                        seed=seed, n_resampled=n_resampled)  # fmt: skip
     methods, speedup = results["methods"], speedups(results, costs)[label]
     return HeldOutCheck(first, n_examples, methods[LARGE]["quality"], methods[label]["quality"], point, low, high,
                         confidence, n_bootstrap, seed, speedup, verdict(budget, point, low))
 
 
 def run_statistic(results: dict, task: Task, examples: list[Example], budget: Budget,
-                       label: str) -> Callable[[np.ndarray], float]:  # fmt: skip
-    """``statistic(indices)`` of the budget for ``label`` on those examples of a bench run (either slice)."""
+                  label: str) -> tuple[Callable[[np.ndarray], float], int]:  # fmt: skip
+    """``(statistic(indices), n_resampled)`` of the budget for ``label`` on a bench run's examples (either slice).
+
+    Index ``n_examples`` (``n_resampled = n_examples + 1``) is a pessimistic pseudo-example at `WORST_EXAMPLE`,
+    there when the budget's statistic is per-example and bounded and ``label``'s outputs differ from large's
+    somewhere; the bootstrap draws it like any example, the point estimate never does.
+    """
     outputs = [row["outputs"] for row in results["examples"]]
     if budget.is_agreement:
-        matches = np.array([out[label]["exact_match_large"] for out in outputs], dtype=float)  # [n]
-        return lambda idx: float(matches[idx].mean())
-    sign = 1.0 if task.higher_is_better else -1.0
-    return metric_difference(task, budget.metric, examples, [out[label]["prediction"] for out in outputs],
-                             [out[LARGE]["prediction"] for out in outputs], sign)  # fmt: skip
+        values = np.array([out[label]["exact_match_large"] for out in outputs], dtype=float)  # [n]
+    else:
+        sign = 1.0 if task.higher_is_better else -1.0
+        predictions = [out[label]["prediction"] for out in outputs]
+        large_predictions = [out[LARGE]["prediction"] for out in outputs]
+        if budget.metric not in MEAN_METRICS:
+            return metric_difference(task, budget.metric, examples, predictions, large_predictions, sign), len(outputs)
+        values = example_differences(task, budget.metric, examples, predictions, large_predictions, sign)
+    if budget.metric in WORST_EXAMPLE and not all(out[label]["exact_match_large"] for out in outputs):
+        values = np.append(values, WORST_EXAMPLE[budget.metric])
+    return (lambda idx: float(values[idx].mean())), len(values)
+
+
+def example_differences(task: Task, metric: str, examples: list[Example], predictions: list[str],
+                        large_predictions: list[str], sign: float) -> np.ndarray:  # fmt: skip
+    """`(n,)` sign * (score of each prediction - score of large's) for a per-example metric (`MEAN_METRICS`);
+    identical predictions count 0 unscored."""
+    return np.array([
+        0.0 if ours == theirs else
+        sign * (task.score([ours], [ex])[metric] - task.score([theirs], [ex])[metric])
+        for ours, theirs, ex in zip(predictions, large_predictions, examples, strict=True)
+    ])  # fmt: skip
 
 
 def metric_difference(task: Task, metric: str, examples: list[Example], predictions: list[str],
                       large_predictions: list[str], sign: float) -> Callable[[np.ndarray], float]:  # fmt: skip
     """``statistic(indices)``: sign * (score of ``predictions`` - score of ``large_predictions``) on those examples.
 
-    Mean metrics (`MEAN_METRICS`) are scored once per example (identical predictions count 0 unscored);
-    corpus metrics are rescored with ``task.score`` on every call.
+    Mean metrics (`MEAN_METRICS`) are scored once per example (`example_differences`); corpus metrics are
+    rescored with ``task.score`` on every call.
     """
     if predictions == large_predictions:  # lossless on this slice: no resample can differ (and rescoring is slow)
         return lambda idx: 0.0
     if metric in MEAN_METRICS:
-        differences = np.array([
-            0.0 if ours == theirs else
-            sign * (task.score([ours], [ex])[metric] - task.score([theirs], [ex])[metric])
-            for ours, theirs, ex in zip(predictions, large_predictions, examples, strict=True)
-        ])  # fmt: skip  # [n]
+        differences = example_differences(task, metric, examples, predictions, large_predictions, sign)  # [n]
         return lambda idx: float(differences[idx].mean())
 
     def corpus_difference(idx: np.ndarray) -> float:
@@ -529,16 +553,18 @@ def metric_difference(task: Task, metric: str, examples: list[Example], predicti
 
 
 def paired_bootstrap(statistic: Callable[[np.ndarray], float], n_examples: int, *, confidence: float,
-                     n_bootstrap: int, seed: int) -> tuple[float, float, float]:  # fmt: skip
+                     n_bootstrap: int, seed: int, n_resampled: int | None = None) -> tuple[float, float, float]:  # fmt: skip
     """(point estimate, low, high): ``statistic`` on all examples, and the two-sided ``confidence`` percentile
     interval over ``n_bootstrap`` resamples of the examples with replacement (both methods resampled together).
 
-    The interval is widened to hold the point estimate if it does not (possible on tiny, skewed samples): a
-    wider interval never claims more than the data supports.
+    ``n_resampled``: resample indices ``0 .. n_resampled - 1`` (`run_statistic`'s pseudo-example after the
+    ``n_examples`` real ones); default ``n_examples``. The interval is widened to hold the point estimate if it
+    does not (possible on tiny, skewed samples): a wider interval never claims more than the data supports.
     """
+    n_resampled = n_examples if n_resampled is None else n_resampled
     generator = np.random.default_rng(seed)
     point = statistic(np.arange(n_examples))
-    values = [statistic(generator.integers(0, n_examples, n_examples)) for _ in range(n_bootstrap)]
+    values = [statistic(generator.integers(0, n_resampled, n_resampled)) for _ in range(n_bootstrap)]
     low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
     return point, min(float(low), point), max(float(high), point)
 

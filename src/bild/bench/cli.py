@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from bild.bench import distributed
 from bild.bench.align_cli import add_align_parser
 from bild.bench.bench_config import BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
 from bild.bench.calibrate_cli import add_calibrate_parser
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bild {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()  # launched with torchrun / accelerate: leave the process group before exiting
 
 
 def build_parser() -> argparse.ArgumentParser:

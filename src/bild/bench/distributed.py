@@ -23,6 +23,16 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def finish() -> None:
+    """Leave the process group, if one was formed; every launched process calls this before it exits.
+
+    A process that exits with gloo's threads still running can abort at shutdown ("terminate called without an
+    active exception", SIGABRT) after its work is done, and the launcher then reports the run as failed.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def num_processes() -> int:
     """How many processes run this program together (1 without a launcher)."""
     return process_state().num_processes
