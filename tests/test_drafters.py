@@ -165,9 +165,7 @@ def test_draft_vocabulary_ranking(causal_pair):
 # --- quantized layers --------------------------------------------------------------------------------------
 
 
-BF16_ROUNDING = (
-    2.0**-8
-)  # relative rounding error of bfloat16, the packed kernels' dtype for bf16 and fp32 layers
+BF16_ROUNDING = 2.0**-8  # relative rounding error of bfloat16, the packed kernels' dtype for bf16 and fp32 layers
 
 
 def rounding_bound(x, dequantized, out, half_steps) -> torch.Tensor:
@@ -204,13 +202,9 @@ def test_int4_linear_error_bound(dtype):
     out = layer(x)  # [2, 3, 48]
     assert out.dtype == dtype and out.shape == (2, 3, 48)
     groups = linear.weight.float().reshape(48, 2, 32)
-    half_steps = ((groups.amax(-1) - groups.amin(-1)) / 30).repeat_interleave(
-        32, dim=1
-    )  # [N, K]: range / 15 / 2
+    half_steps = ((groups.amax(-1) - groups.amin(-1)) / 30).repeat_interleave(32, dim=1)  # [N, K]: range / 15 / 2
     exact = x.float() @ linear.weight.float().T + linear.bias.float()
-    bound = rounding_bound(
-        x, linear.weight.float(), out, half_steps * 1.05
-    )  # scales and zeros are rounded too
+    bound = rounding_bound(x, linear.weight.float(), out, half_steps * 1.05)  # scales and zeros are rounded too
     assert ((out.float() - exact).abs() <= bound).all()
 
 

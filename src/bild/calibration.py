@@ -533,16 +533,12 @@ def example_differences(task: Task, metric: str, examples: list[Example], predic
 
 def metric_difference(task: Task, metric: str, examples: list[Example], predictions: list[str],
                       large_predictions: list[str], sign: float) -> Callable[[np.ndarray], float]:  # fmt: skip
-    """``statistic(indices)``: sign * (score of ``predictions`` - score of ``large_predictions``) on those examples.
-
-    Mean metrics (`MEAN_METRICS`) are scored once per example (`example_differences`); corpus metrics are
-    rescored with ``task.score`` on every call.
+    """``statistic(indices)``: sign * (score of ``predictions`` - score of ``large_predictions``) on those examples,
+    for a corpus metric (BLEU, chrF): rescored with ``task.score`` on every call. Per-example metrics
+    (`MEAN_METRICS`) are scored once each by `example_differences` instead (`run_statistic`).
     """
     if predictions == large_predictions:  # lossless on this slice: no resample can differ (and rescoring is slow)
         return lambda idx: 0.0
-    if metric in MEAN_METRICS:
-        differences = example_differences(task, metric, examples, predictions, large_predictions, sign)  # [n]
-        return lambda idx: float(differences[idx].mean())
 
     def corpus_difference(idx: np.ndarray) -> float:
         chosen = [examples[i] for i in idx]
