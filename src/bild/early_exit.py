@@ -494,9 +494,11 @@ def train_exit(
     train_ids, train_mask = token_windows(train_examples, tokenizer, seq_len, pad_id)  # [N, T]
     eval_ids, eval_mask = token_windows(eval_examples, tokenizer, seq_len, pad_id)
     started = time.perf_counter()
-    before = exit_agreement(large, drafter, eval_ids, eval_mask, batch_size)
+    device = drafter.adapter.input_layernorm.weight.device
+    eval_targets = TargetCache(large, drafter.exit_layer, eval_ids, eval_mask, 1, device)  # argmax, before and after
+    before = exit_agreement(drafter, eval_targets, batch_size)
     losses = fit_adapter(large, drafter, train_ids, train_mask, steps, lr, batch_size, loss, seed, progress)
-    after = exit_agreement(large, drafter, eval_ids, eval_mask, batch_size)
+    after = exit_agreement(drafter, eval_targets, batch_size)
     return {
         "before": before, "after": after, "first_loss": losses[0] if losses else math.nan,
         "last_loss": losses[-1] if losses else math.nan, "n_train_windows": len(train_ids),
@@ -631,22 +633,16 @@ def fit_adapter(
     return losses
 
 
-def exit_agreement(
-    large: PreTrainedModel,
-    drafter: EarlyExitDrafter,
-    token_ids: torch.Tensor,
-    mask: torch.Tensor,
-    batch_size: int,
-) -> float:
-    """Share of real positions of `(N, T)` windows where the drafter's next token is the large model's (argmax)."""
-    device = drafter.adapter.input_layernorm.weight.device
+def exit_agreement(drafter: EarlyExitDrafter, targets: TargetCache, batch_size: int) -> float:
+    """Share of real positions of the ``targets``' windows where the drafter's next token is the large model's."""
     n_agree, n_real = 0, 0
     with torch.no_grad():
-        for i in range(0, len(token_ids), batch_size):
-            ids, row_mask = token_ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device)
-            hidden, target_logits = large_targets(large, drafter.exit_layer, ids, row_mask)
+        for start in range(0, len(targets.token_ids), batch_size):
+            rows = list(range(start, min(start + batch_size, len(targets.token_ids))))
+            hidden, _, top_ids = targets.get(rows)
+            row_mask = targets.mask[rows].to(targets.device)  # [B, T]
             draft_ids = exit_logits(drafter, drafter.adapter, hidden, row_mask).argmax(dim=-1)  # [B, T]
             is_real = row_mask.bool()
-            n_agree += int((draft_ids == target_logits.argmax(dim=-1))[is_real].sum())
+            n_agree += int((draft_ids == top_ids[..., 0])[is_real].sum())
             n_real += int(is_real.sum())
     return n_agree / max(n_real, 1)
