@@ -153,7 +153,9 @@ def test_targets_are_large_greedy_cached_and_reused(causal_pair, tokenizer, tmp_
             large, tokenizer, texts_, max_new_tokens=8, batch_size=4, cache_dir=tmp_path, progress=False
         )
         n_again = len(forwards) - n_first
-        (path,) = tmp_path.glob("targets-*.jsonl")  # a run stopped after 6 of 10 rows: only 4 are generated
+        # a run stopped after 6 of 10 rows (batches of 4, longest first): the second batch, which lost two rows,
+        # and the third are generated again, as they were batched the first time
+        (path,) = tmp_path.glob("targets-*.jsonl")
         path.with_suffix(".partial").write_text("".join(path.read_text().splitlines(keepends=True)[:6]))
         path.unlink()
         resumed = generate_targets(
@@ -163,7 +165,7 @@ def test_targets_are_large_greedy_cached_and_reused(causal_pair, tokenizer, tmp_
     finally:
         hook.remove()
     assert n_first >= 3 * 8 and n_again == 0 and again == first
-    assert 0 < n_resumed <= 8 and resumed == first and path.is_file()
+    assert 0 < n_resumed <= 2 * 8 and resumed == first and path.is_file()
     for target in first:  # the oracle: each prompt continued greedily alone
         out = large.generate(
             torch.tensor([target.prompt_ids]), max_new_tokens=8, do_sample=False, pad_token_id=PAD

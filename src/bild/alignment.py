@@ -294,7 +294,8 @@ def generate_targets(
 
     The cache is ``targets_cache_path(...)`` (default folder ``~/.cache/bild/align-targets``), keyed by the
     large model, the prompts' token ids and the settings: a second call with the same inputs runs no forward.
-    Finished batches go to a ``.partial`` file first, so an interrupted run resumes where it stopped.
+    Finished batches go to a ``.partial`` file first, so an interrupted run resumes where it stopped, with the
+    same batches (and so bit for bit the same targets) as a run that was never interrupted.
     """
     if max_new_tokens < 1 or top_k < 1 or batch_size < 1:
         raise ValueError(
@@ -304,18 +305,23 @@ def generate_targets(
     special = special_ids(large, tokenizer)
     path = targets_cache_path(large, prompt_ids, max_new_tokens, top_k, special, cache_dir)
     done = _read_targets(path) if path.is_file() else _read_targets(path.with_suffix(".partial"))
-    todo = sorted((i for i in range(len(prompt_ids)) if i not in done), key=lambda i: -len(prompt_ids[i]))
+    # Batches are fixed by the prompts alone (longest first), never by what a resumed run has left: a row's
+    # padding and batch-mates change how near-ties break on some CPU kernels, and a resumed cache must hold
+    # exactly what an uninterrupted run would. A batch with any row missing is generated again whole.
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    todo = [batch for batch in batches if any(i not in done for i in batch)]
     if todo or not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
         with open(path.with_suffix(".partial"), "a", encoding="utf-8") as f:
-            for batch in tqdm(batches, desc="large-model targets", unit="batch", disable=not progress):
+            for batch in tqdm(todo, desc="large-model targets", unit="batch", disable=not progress):
                 rows = [prompt_ids[i] for i in batch]
                 for i, target in zip(
                     batch, _generate_batch(large, rows, max_new_tokens, top_k, special), strict=True
                 ):
-                    f.write(json.dumps({"index": i, **target.__dict__}) + "\n")
-                    done[i] = target
+                    if i not in done:
+                        f.write(json.dumps({"index": i, **target.__dict__}) + "\n")
+                        done[i] = target
                 f.flush()
         os.replace(path.with_suffix(".partial"), path)
     return [done[i] for i in range(len(prompt_ids))]
