@@ -6,7 +6,7 @@
 The large model is frozen; each step runs it once on ``--batch-size`` windows of ``--seq-len`` tokens and
 trains the adapter (`bild.early_exit`) to match its next-token distribution from its own layer-k hidden
 states. Training text: HumanEval problems taken from the END of the set (the bench evaluates the first
-ones; the first `bild.alignment.RESERVE_FIRST` are never used), each as the bench's chat prompt followed by an
+ones; the first `bild.bench.alignment.RESERVE_FIRST` are never used), each as the bench's chat prompt followed by an
 answer: the canonical solution in a ```python block (``--text reference``, instant) or the large model's
 greedy answer (``--text greedy``, generated once and cached in the output folder). Prints agreement
 (teacher-forced next-token argmax) before and after on the first ``--eval-examples`` of those problems,
@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bild
-from bild.alignment import RESERVE_FIRST
+from bild.bench.alignment import RESERVE_FIRST
 from bild.bench.machine import DTYPES, resolve_dtype
 from bild.bench.paths import bild_home, resolve_model
 from bild.bench.tasks import get_task

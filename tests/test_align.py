@@ -17,7 +17,8 @@ from tiny_pair import synthetic_pairs
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import bild
-from bild.alignment import (
+from bild.bench.align_cli import add_align_parser
+from bild.bench.alignment import (
     AlignCollator,
     AlignTarget,
     generate_targets,
@@ -26,7 +27,6 @@ from bild.alignment import (
     target_features,
     top_k_kl,
 )
-from bild.bench.align_cli import add_align_parser
 
 FAST = dict(
     max_new_tokens=12, batch_size=16, generation_batch_size=16, fallback_threshold=0.0, progress=False

@@ -17,9 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import bild
 from bild.bench.bench_config import load_config
 from bild.bench.calibrate_cli import add_calibrate_parser, parse_draft_caps
-from bild.bench.tasks import get_task
-from bild.bench.tasks.base import Example, chat_prompt
-from bild.calibration import (
+from bild.bench.calibration import (
     CONFIRMED,
     NOT_CONFIRMED,
     VIOLATED,
@@ -34,6 +32,8 @@ from bild.calibration import (
     paired_bootstrap,
     verdict,
 )
+from bild.bench.tasks import get_task
+from bild.bench.tasks.base import Example, chat_prompt
 from bild.schedule import DraftCosts
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -33,11 +33,12 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Tools built on the benchmark or the Trainer pull in peft, datasets and metrics (seconds to import): they
-# are loaded on first use, not with `import bild`.
+# The tools (`bild.bench`: the benchmark, calibration, alignment) are built on the core and pull in peft,
+# datasets and metrics (seconds to import): their names are loaded on first use, not with `import bild`, and
+# no core module imports them (tests/test_layout.py).
 _LAZY = {
-    "align": "alignment", "AlignResult": "alignment",
-    "calibrate": "calibration", "Budget": "calibration", "CalibrationResult": "calibration",
+    "align": "bench.alignment", "AlignResult": "bench.alignment",
+    "calibrate": "bench.calibration", "Budget": "bench.calibration", "CalibrationResult": "bench.calibration",
 }  # fmt: skip
 
 

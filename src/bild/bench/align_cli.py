@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bild.alignment import (
+from bild.bench.alignment import (
     DEFAULT_LEARNING_RATE,
     LOSSES,
     RESERVE_FIRST,

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from bild.bench.bench_config import load_config, parse_float_list
-from bild.bench.machine import add_machine_options
-from bild.calibration import (
+from bild.bench.calibration import (
     DEFAULT_CALIBRATION,
     DEFAULT_FALLBACKS,
     DEFAULT_HELD_OUT,
@@ -17,6 +16,7 @@ from bild.calibration import (
     config_draft_caps,
     make_grid,
 )
+from bild.bench.machine import add_machine_options
 from bild.schedule import AUTO
 
 

@@ -634,7 +634,7 @@ def markdown_report(result: CalibrationResult) -> str:
         "Verdicts: confirmed = the whole interval is within the budget; not confirmed = only the point estimate "
         "is (the held-out data cannot support the claim: use more held-out examples); violated = the point "
         "estimate is outside the budget.",
-        f"Speed: {SPEED_WORDS[result.speed]}; see the `bild.calibration` module docstring for the cost formula.",
+        f"Speed: {SPEED_WORDS[result.speed]}; see the `bild.bench.calibration` module docstring for the cost formula.",
         "",
     ]
     return "\n".join(lines)
