@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from tiny_pair import synthetic_pairs
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import bild
-from bild.bench.align_cli import add_align_parser
+from bild.bench.align_cli import ALIGN_CONVERTED, ALIGN_OPTIONS, add_align_parser, align_kwargs
 from bild.bench.alignment import (
     AlignCollator,
     AlignTarget,
@@ -312,6 +313,22 @@ def test_cli_aligns_a_saved_pair(tiny_pair, tmp_path, capsys):
     assert (
         loaded.config.hidden_size == AutoModelForCausalLM.from_pretrained(tiny_pair.small).config.hidden_size
     )
+
+
+def test_cli_tables_set_every_align_keyword_from_a_real_option(tmp_path):
+    """``bild align`` passes `align` every keyword but eval_prompts, each from an option the parser defines."""
+    keywords = [p.name for p in inspect.signature(bild.align).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert sorted([*ALIGN_OPTIONS, *ALIGN_CONVERTED, "eval_prompts"]) == sorted(keywords)
+    parser = argparse.ArgumentParser()
+    add_align_parser(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["align", "--small", "s", "--large", "l", "--out", str(tmp_path), "--no-chat",
+                              "--last-layers", "2", "--top-k", "3", "--train-arg", "seed=7", "--quiet"])  # fmt: skip
+    kwargs = align_kwargs(args)
+    assert {name: kwargs[name] for name in ALIGN_CONVERTED} == {
+        "output_dir": tmp_path, "train_last_layers": 2, "add_special_tokens": True,
+        "training_args": {"seed": 7}, "progress": False,
+    }  # fmt: skip
+    assert kwargs["top_k"] == 3 and kwargs["loss"] == "ce" and kwargs["resume"] is False
 
 
 @pytest.mark.parametrize(

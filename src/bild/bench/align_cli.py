@@ -140,6 +140,29 @@ def _parse_value(text: str) -> int | float | bool | str | None:
     return text
 
 
+# `align`'s keywords from the parsed command line (every one but eval_prompts, which `split_sources` makes):
+# these pass through under the option's own name (``--top-k`` -> top_k) ...
+ALIGN_OPTIONS = (
+    "max_new_tokens", "loss", "top_k", "lora_rank", "epochs", "learning_rate", "batch_size",
+    "generation_batch_size", "fallback_threshold", "max_draft_tokens", "resume", "cache_dir",
+)  # fmt: skip
+# ... and these are read from options named or shaped otherwise.
+ALIGN_CONVERTED = {
+    "output_dir": lambda args: args.out,
+    "train_last_layers": lambda args: args.last_layers,
+    "add_special_tokens": lambda args: not args.chat,  # chat-templated prompts carry their own
+    "training_args": lambda args: parse_train_args(args.train_arg),
+    "progress": lambda args: not args.quiet,
+}
+
+
+def align_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `align` that ``bild align``'s options set (tables above)."""
+    return {name: getattr(args, name) for name in ALIGN_OPTIONS} | {
+        name: read(args) for name, read in ALIGN_CONVERTED.items()
+    }
+
+
 def split_sources(args, tokenizer) -> tuple[list[str], list[str]]:
     """(train, held-out) prompts over all sources: per source the last ``n_eval`` are held out."""
     train, held_out = [], []
@@ -173,30 +196,8 @@ def run_align(args) -> int:
     device = resolve_device(args.device)
     pair = load_pair(args.large, args.small, device, resolve_dtype(args.dtype, device), attach=False)
     train_prompts, eval_prompts = split_sources(args, pair.tokenizer)
-    result = align(
-        pair.large,
-        pair.small,
-        pair.tokenizer,
-        train_prompts,
-        output_dir=args.out,
-        eval_prompts=eval_prompts or None,
-        max_new_tokens=args.max_new_tokens,
-        loss=args.loss,
-        top_k=args.top_k,
-        lora_rank=args.lora_rank,
-        train_last_layers=args.last_layers,
-        epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        generation_batch_size=args.generation_batch_size,
-        fallback_threshold=args.fallback_threshold,
-        max_draft_tokens=args.max_draft_tokens,
-        resume=args.resume,
-        cache_dir=args.cache_dir,
-        add_special_tokens=not args.chat,
-        training_args=parse_train_args(args.train_arg),
-        progress=not args.quiet,
-    )
+    result = align(pair.large, pair.small, pair.tokenizer, train_prompts, eval_prompts=eval_prompts or None,
+                   **align_kwargs(args))  # fmt: skip
     print(result.summary())
     print(f"wrote {result.output_dir / 'alignment.json'}; use the folder as any small model")
     return 0
