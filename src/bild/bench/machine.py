@@ -44,7 +44,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on a GPU or CPU with native bfloat16 math, else float32.
 
     On a 2-core AVX-512 BF16 CPU every model runs twice as fast in bfloat16 as in float32, and a forward
-    over 11 tokens costs 1.4 single-token ones instead of 2.9 (README, "Where the time goes").
+    over 11 tokens costs 1.4 single-token ones instead of 2.9 (docs/measured.md, "Where the time goes").
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
