@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
+from transformers import (
+    EosTokenCriteria,
+    LogitsProcessorList,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    PreTrainedModel,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 
 from .cache import BildCache, TrackedCache
 from .compat import has_relative_positions, takes_forward_arg
@@ -17,6 +25,9 @@ from .stats import BildStats
 # B: batch rows, T: sequence length, L: chunk fed in one forward, K: most drafts in a round, V: vocabulary.
 
 MIN_CAPACITY = 64  # token slots per row allocated up front; the buffer doubles when it fills
+# Stopping criteria that judge each row alone and keep no state between calls: they may see rows at any length.
+# Any other criterion may remember rows (lm-eval's MultiTokenEOSCriteria does), so it sees the batch as stock does.
+STATELESS_CRITERIA = (EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria, StopStringCriteria)
 
 
 @dataclass
@@ -54,6 +65,7 @@ class BatchState:
     finished: torch.Tensor  # [B] bool
     stats: BildStats  # [B] long tensors, counted as the loop goes
     max_length: int
+    checked_length: int = 0  # every row has been shown to the stateful stopping criteria up to this length
 
     @classmethod
     def from_prompts(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_length: int, pad_id: int):
@@ -72,6 +84,7 @@ class BatchState:
             finished=torch.zeros(batch_size, dtype=torch.bool, device=device),
             stats=BildStats.zeros(batch_size, device),
             max_length=max_length,
+            checked_length=prompt_length,
         )
 
     def write(self, rows: torch.Tensor, index: torch.Tensor, token_ids: torch.Tensor) -> None:
@@ -155,6 +168,8 @@ class Decoder:
         self.places_by_slot = has_relative_positions(model)  # T5: positions come from cache slots
         self.takes_position_ids = takes_forward_arg(model, "position_ids")
         self.takes_logits_to_keep = takes_forward_arg(model, "logits_to_keep")
+        self.keep_logits = False  # keep the last forward's logits over the model's whole vocabulary
+        self.last_logits: torch.Tensor | None = None  # [B, n_targets, V_model] float32, when keep_logits
 
     def forward(
         self, state: BatchState, is_advancing: torch.Tensor, first_target: torch.Tensor, n_targets: int
@@ -194,7 +209,10 @@ class Decoder:
 
         columns = (target_offsets - (chunk_len - logits.shape[1])).clamp(0, logits.shape[1] - 1)  # [B, n_targets]
         batch = torch.arange(logits.shape[0], device=logits.device)[:, None]
-        return logits[batch, columns, : self.vocab_size].float()
+        if not self.keep_logits:
+            return logits[batch, columns, : self.vocab_size].float()
+        self.last_logits = logits[batch, columns].float()
+        return self.last_logits[..., : self.vocab_size]
 
     def _input_kwargs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> dict:
         if self.is_encoder_decoder:
@@ -275,11 +293,14 @@ def probs_placeholder(start: torch.Tensor, rules: TokenRules) -> torch.Tensor:
     return torch.zeros(len(start), 0, rules.vocab_size, device=start.device)
 
 
-def verify(large: Decoder, state: BatchState, rules: TokenRules, start: torch.Tensor, drafts: Drafts) -> torch.Tensor:
+def verify(
+    large: Decoder, state: BatchState, rules: TokenRules, start: torch.Tensor, drafts: Drafts
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2: one large-model forward over every unseen token, drafts (and the unsure candidate) included.
 
-    Returns `(batch_size, K + 1, vocab_size)` processed scores; column ``i`` is the large model's
-    distribution for sequence index ``start + i`` (column ``n_drafted`` follows the last draft).
+    Returns `(batch_size, K + 1, vocab_size)` processed scores, and the raw logits they came from (over the
+    large model's whole vocabulary when ``large.keep_logits``); column ``i`` is the large model's distribution
+    for sequence index ``start + i`` (column ``n_drafted`` follows the last draft).
     """
     n_columns = drafts.n_columns
     n_real = drafts.n_drafted + drafts.has_candidate  # [B] tokens to check per row
@@ -289,7 +310,8 @@ def verify(large: Decoder, state: BatchState, rules: TokenRules, start: torch.Te
     columns = torch.arange(n_columns, device=start.device)
     target_index = start[:, None] + columns  # [B, K+1]
     is_real = is_verifying[:, None] & (columns <= n_real[:, None])
-    return apply_processors(rules, state, logits, target_index, is_real)
+    raw_logits = large.last_logits if getattr(large, "keep_logits", False) else logits
+    return apply_processors(rules, state, logits, target_index, is_real), raw_logits
 
 
 def find_rollback_point(
@@ -346,23 +368,53 @@ def accept(
     caches.discard_from(n_kept)
 
 
-def stop_rows(state: BatchState, rules: TokenRules, start: torch.Tensor, scores: torch.Tensor) -> None:
+def stop_rows(state: BatchState, rules: TokenRules, start: torch.Tensor, outputs: StepOutputs | None = None) -> None:
     """Step 5: run the stopping criteria after every new token; a row ends at the first token that stops it.
 
-    Like `apply_processors`, criteria see the whole batch, once per distinct sequence length.
+    Criteria only ever see final tokens: stock generate() shows them every row at one length, each row's
+    tokens so far (padding after the end of a finished row), once per length, with ``scores`` the steps so
+    far (None unless output_scores). Stateless criteria (EOS, max length, stop strings, max time) judge each
+    row alone, so they run on every new token at once, like `apply_processors`, once per distinct length;
+    rows not at that length are shown padded after their end and their answers are ignored. Any other
+    criterion may remember rows (lm-eval's MultiTokenEOSCriteria keeps a done flag per row), so it runs in
+    step, as in stock: at a length once every row has reached it or ended. A row ahead may then be ended
+    by it at a token it has already passed (the tokens after it are dropped).
     """
+    stateless = StoppingCriteriaList(c for c in rules.stopping_criteria if isinstance(c, STATELESS_CRITERIA))
+    in_step = StoppingCriteriaList(c for c in rules.stopping_criteria if not isinstance(c, STATELESS_CRITERIA))
     is_checking = ~state.finished
-    batch = torch.arange(len(start), device=start.device)
-    for length in range(int(start[is_checking].min()) + 1, int(state.lengths[is_checking].max()) + 1):
-        is_at = is_checking & (start < length) & (length <= state.lengths)  # rows with a new token at length-1
-        if not bool(is_at.any()):
-            continue
-        column = (length - 1 - start).clamp(0, scores.shape[1] - 1)
-        is_stopped = is_at & rules.stopping_criteria(state.token_ids[:, :length], scores[batch, column])
+    if stateless and bool(is_checking.any()):
+        for length in range(int(start[is_checking].min()) + 1, int(state.lengths[is_checking].max()) + 1):
+            is_at = is_checking & (start < length) & (length <= state.lengths)  # rows with a new token at length-1
+            if not bool(is_at.any()):
+                continue
+            is_stopped = is_at & stateless(final_tokens(state, rules, length), None)
+            state.lengths = torch.where(is_stopped, length, state.lengths)
+            state.finished |= is_stopped
+            is_checking &= ~is_stopped
+    state.finished |= state.lengths >= rules.max_length
+    if in_step:
+        stop_rows_in_step(state, rules, in_step, outputs)
+
+
+def stop_rows_in_step(
+    state: BatchState, rules: TokenRules, criteria: StoppingCriteriaList, outputs: StepOutputs | None
+) -> None:
+    """Show ``criteria`` the whole batch at every length every row has reached (or ended before) and not yet shown."""
+    is_unfinished = ~state.finished
+    ready = int(state.lengths[is_unfinished].min() if bool(is_unfinished.any()) else state.lengths.max())
+    for length in range(state.checked_length + 1, ready + 1):
+        scores = outputs.scores_until(length) if outputs is not None else None
+        is_stopped = (state.lengths >= length) & criteria(final_tokens(state, rules, length), scores)
         state.lengths = torch.where(is_stopped, length, state.lengths)
         state.finished |= is_stopped
-        is_checking &= ~is_stopped
-    state.finished |= state.lengths >= rules.max_length
+    state.checked_length = max(state.checked_length, ready)
+
+
+def final_tokens(state: BatchState, rules: TokenRules, length: int) -> torch.Tensor:
+    """`(batch_size, length)` each row's tokens up to ``length``, padding after its end (a copy)."""
+    is_after_end = torch.arange(length, device=state.lengths.device) >= state.lengths[:, None]
+    return state.token_ids[:, :length].masked_fill(is_after_end, rules.pad_token_id)
 
 
 def count_round(state: BatchState, is_active, drafts: Drafts, n_accepted, is_rollback) -> None:
@@ -380,28 +432,118 @@ def count_round(state: BatchState, is_active, drafts: Drafts, n_accepted, is_rol
 
 def bild_loop(
     large: Decoder, small: Decoder, caches: BildCache, state: BatchState, rules: TokenRules, sampling: Sampling,
-    settings: BildSettings, schedule: DraftSchedule, streamer=None,
+    settings: BildSettings, schedule: DraftSchedule, streamer=None, outputs: StepOutputs | None = None,
 ) -> None:  # fmt: skip
-    """Decode until every row stops, one draft -> verify -> rollback -> accept -> stop round at a time."""
+    """Decode until every row stops, one draft -> verify -> rollback -> accept -> stop round at a time.
+
+    ``outputs``, when given, keeps the large model's scores and logits at every final token.
+    """
+    if outputs is not None and outputs.logits is not None and isinstance(large, Decoder):
+        large.keep_logits = True
     while not bool(state.finished.all()):
         is_active = ~state.finished
         start = state.lengths.clone()  # [B] index of this round's first new token
         # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
         drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active))
         # 2. The large model reads everything it has not seen, drafts included, in one forward
-        target_scores = verify(large, state, rules, start, drafts)  # [B, K+1, V]
+        target_scores, target_logits = verify(large, state, rules, start, drafts)  # [B, K+1, V]
         # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
         n_accepted, is_rollback, next_ids = find_rollback_point(state, start, drafts, target_scores, sampling, settings)
         # 4. Keep the accepted tokens; both caches forget the rest
         accept(state, caches, rules, start, n_accepted, next_ids)
+        if outputs is not None:
+            outputs.record(state, start, is_active, target_scores, target_logits)
         # 5. Stopping criteria (EOS, max length, stop strings, ...) on every new token
-        stop_rows(state, rules, start, target_scores)
+        stop_rows(state, rules, start, outputs)
         # 6. Count the round; the schedule learns how far this row's drafts go
-        n_accepted = torch.minimum(n_accepted, torch.where(is_active, state.lengths - start, 0))
+        n_accepted = torch.minimum(n_accepted, torch.where(is_active, state.lengths - start, 0).clamp(min=0))
         count_round(state, is_active, drafts, n_accepted, is_rollback)
         schedule.update(is_active, drafts.n_steps, drafts.n_drafted, n_accepted)
         if streamer is not None and int(state.lengths[0] - start[0]) > 0:
             streamer.put(state.token_ids[:1, int(start[0]) : int(state.lengths[0])].cpu())
+
+
+class StepOutputs:
+    """The large model's view at every final token, one `(batch_size, V)` tensor per step: stock generate()'s
+    ``scores`` (processed) and ``logits`` (raw).
+
+    Every final token was kept or chosen by a verification forward of the large model, which computed its
+    distribution there; step ``t`` holds it for each row's ``t``-th new token. ``V`` is the large model's
+    whole vocabulary: raw logits over all its rows, processed scores over the vocabulary both models share
+    and -inf beyond it (BiLD never picks those ids). Steps after a row's end hold a distribution certain
+    of padding: 0 at ``pad_token_id``, -inf elsewhere (stock holds the model's output over padding there).
+    """
+
+    def __init__(self, prompt_length: int, pad_token_id: int, keep_scores: bool, keep_logits: bool):
+        self.prompt_length = prompt_length
+        self.pad_token_id = pad_token_id
+        self.scores: list[torch.Tensor] | None = [] if keep_scores else None
+        self.logits: list[torch.Tensor] | None = [] if keep_logits else None
+
+    def record(
+        self, state: BatchState, start: torch.Tensor, is_active: torch.Tensor, scores: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Keep this round's columns for the rows' new tokens: column ``i`` of `(B, C, V)` predicts ``start + i``."""
+        if not bool(is_active.any()):
+            return
+        batch = torch.arange(len(start), device=start.device)
+        width = logits.shape[-1]
+        for index in range(int(start[is_active].min()), int(state.lengths[is_active].max())):
+            is_new = is_active & (start <= index) & (index < state.lengths)  # rows whose token at index is new
+            if not bool(is_new.any()):
+                continue
+            column = (index - start).clamp(0, scores.shape[1] - 1)
+            for steps, values in ((self.scores, scores), (self.logits, logits)):
+                if steps is not None:
+                    step = self._step(steps, index - self.prompt_length, len(start), width, values)
+                    step[is_new, : values.shape[-1]] = values[batch, column][is_new]
+                    step[is_new, values.shape[-1] :] = -torch.inf
+
+    def _step(self, steps: list, t: int, n_rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        while len(steps) <= t:
+            steps.append(ended_rows(n_rows, width, self.pad_token_id, like))
+        return steps[t]
+
+    def scores_until(self, length: int) -> tuple[torch.Tensor, ...] | None:
+        """The scores of the steps up to sequence length ``length``, as stock passes stopping criteria."""
+        return None if self.scores is None else tuple(self.scores[: length - self.prompt_length])
+
+    def finish(self, lengths: torch.Tensor) -> tuple[tuple | None, tuple | None]:
+        """``(scores, logits)``: one tensor per step up to the longest row; rows that ended hold padding's."""
+        n_steps = int(lengths.max()) - self.prompt_length
+        results = []
+        for steps in (self.scores, self.logits):
+            if steps is None:
+                results.append(None)
+                continue
+            for t, step in enumerate(steps[:n_steps]):
+                is_ended = lengths - self.prompt_length <= t
+                step[is_ended] = ended_rows(1, step.shape[1], self.pad_token_id, step)
+            results.append(tuple(steps[:n_steps]))
+        return results[0], results[1]
+
+
+def ended_rows(n_rows: int, width: int, pad_token_id: int, like: torch.Tensor) -> torch.Tensor:
+    """`(n_rows, width)` the step of a row that has ended: 0 at ``pad_token_id``, -inf elsewhere."""
+    rows = torch.full((n_rows, width), -torch.inf, dtype=like.dtype, device=like.device)
+    if 0 <= pad_token_id < width:
+        rows[:, pad_token_id] = 0
+    return rows
+
+
+def concat_steps(parts: list[tuple | None], pad_token_id: int) -> tuple | None:
+    """Stack the per-step tensors of rows decoded alone; a row that ended early holds padding's steps."""
+    if parts[0] is None:
+        return None
+    n_steps = max(len(p) for p in parts)
+    if n_steps == 0:
+        return ()
+    like = next(p[0] for p in parts if len(p))
+    return tuple(
+        torch.cat([p[t] if t < len(p) else ended_rows(1, like.shape[1], pad_token_id, like) for p in parts])
+        for t in range(n_steps)
+    )
 
 
 @dataclass
@@ -409,6 +551,8 @@ class DecodeResult:
     sequences: torch.Tensor  # [B, T] prompt (or decoder start) + new tokens, padded after each row's end
     stats: BildStats
     caches: BildCache | None  # None when rows were decoded one at a time (or a drafter's own caches)
+    scores: tuple[torch.Tensor, ...] | None = None  # [B, V] per step: the large model's processed scores
+    logits: tuple[torch.Tensor, ...] | None = None  # [B, V] per step: the large model's raw logits
 
 
 def decode(
@@ -419,20 +563,30 @@ def decode(
     settings: BildSettings,
     sampling: Sampling | None = None,
     streamer=None,
+    output_scores: bool = False,
+    output_logits: bool = False,
 ) -> DecodeResult:
-    """BiLD-decode a batch: all rows together where both models allow it, else one row after another."""
+    """BiLD-decode a batch: all rows together where both models allow it, else one row after another.
+
+    ``output_scores`` / ``output_logits``: also return the large model's scores / logits at every step.
+    """
     sampling = sampling or Sampling()
+    outputs = dict(output_scores=output_scores, output_logits=output_logits)
     if inputs.input_ids.shape[0] == 1 or (can_batch_rows(large_model) and can_batch_rows(small_model)):
-        return decode_batch(large_model, small_model, inputs, rules, settings, sampling, streamer)
+        return decode_batch(large_model, small_model, inputs, rules, settings, sampling, streamer, **outputs)
     results = [
-        decode_batch(large_model, small_model, inputs.row(b), rules, settings, sampling, streamer)
+        decode_batch(large_model, small_model, inputs.row(b), rules, settings, sampling, streamer, **outputs)
         for b in range(inputs.input_ids.shape[0])
     ]
     width = max(r.sequences.shape[1] for r in results)
     sequences = inputs.input_ids.new_full((len(results), width), rules.pad_token_id)
     for b, result in enumerate(results):
         sequences[b, : result.sequences.shape[1]] = result.sequences[0]
-    return DecodeResult(sequences, BildStats.concat(r.stats for r in results), caches=None)
+    return DecodeResult(
+        sequences, BildStats.concat(r.stats for r in results), caches=None,
+        scores=concat_steps([r.scores for r in results], rules.pad_token_id),
+        logits=concat_steps([r.logits for r in results], rules.pad_token_id),
+    )  # fmt: skip
 
 
 def decode_batch(
@@ -443,6 +597,8 @@ def decode_batch(
     settings: BildSettings,
     sampling: Sampling,
     streamer=None,
+    output_scores: bool = False,
+    output_logits: bool = False,
 ) -> DecodeResult:
     """BiLD-decode the rows of ``inputs`` together."""
     batch_size, prompt_length = inputs.input_ids.shape
@@ -450,13 +606,19 @@ def decode_batch(
     state = BatchState.from_prompts(inputs.input_ids, inputs.attention_mask, rules.max_length, rules.pad_token_id)
     large, small, caches = build_decoders(large_model, small_model, inputs, rules.vocab_size, batch_size)
     schedule = DraftSchedule(batch_size, device, *draft_caps(settings, large_model, small_model))
-    bild_loop(large, small, caches, state, rules, sampling, settings, schedule, streamer)
+    outputs = None
+    if output_scores or output_logits:
+        outputs = StepOutputs(prompt_length, rules.pad_token_id, output_scores, output_logits)
+    bild_loop(large, small, caches, state, rules, sampling, settings, schedule, streamer, outputs)
 
     sequences = state.token_ids[:, : int(state.lengths.max())]
     is_after_end = torch.arange(sequences.shape[1], device=device) >= state.lengths[:, None]
     sequences = sequences.masked_fill(is_after_end, rules.pad_token_id)
     state.stats.generated = state.lengths - prompt_length
-    return DecodeResult(sequences, state.stats.tolist(), caches)
+    # a stateful stopping criterion may end a row behind tokens already accepted (see stop_rows)
+    state.stats.accepted = torch.minimum(state.stats.accepted, state.stats.generated)
+    scores, logits = outputs.finish(state.lengths) if outputs is not None else (None, None)
+    return DecodeResult(sequences, state.stats.tolist(), caches, scores=scores, logits=logits)
 
 
 def build_decoders(large_model, small_model, inputs: DecoderInputs, vocab_size: int, batch_size: int):
@@ -476,12 +638,12 @@ def build_decoders(large_model, small_model, inputs: DecoderInputs, vocab_size: 
 
 
 def draft_caps(settings: BildSettings, large_model, small_model) -> tuple[int | None, DraftCosts | None]:
-    """``(fixed cap, None)``, or ``(None, costs)`` for ``max_draft_tokens="auto"`` (estimated when not given)."""
+    """``(fixed cap, None)``, or ``(None, costs)`` for ``max_draft_tokens="auto"`` (measured once when not given)."""
     if settings.max_draft_tokens != AUTO:
         return settings.max_draft_tokens, None
     if settings.draft_costs is not None:
         return None, DraftCosts.load(settings.draft_costs)
-    return None, DraftCosts.estimate(large_model, small_model)
+    return None, DraftCosts.for_pair(large_model, small_model)
 
 
 def can_batch_rows(model: PreTrainedModel) -> bool:

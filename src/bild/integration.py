@@ -51,11 +51,17 @@ class BildGenerateOutput(ModelOutput):
         sequences: `(batch_size, sequence_length)` prompt (decoder-only) or decoder start, then new tokens.
         bild_stats: per-row counts of model calls, drafts, fallbacks and rollbacks.
         cache: both models' caches (None when rows of an encoder-decoder batch were decoded one at a time).
+        scores: with ``output_scores=True``, one `(batch_size, vocab_size)` tensor per generated position: the
+            large model's processed scores there, from the verification that kept or chose the token (see
+            `bild.decoding.StepOutputs` for rows that ended and vocabulary rows only the large model has).
+        logits: with ``output_logits=True``, the same positions' raw large-model logits.
     """
 
     sequences: torch.LongTensor | None = None
     bild_stats: BildStats | None = None
     cache: BildCache | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class BildGenerationMixin:
@@ -226,6 +232,8 @@ def _bild_decoding(
             "encoder_outputs": model_kwargs["encoder_outputs"],
             "attention_mask": inputs.attention_mask,
         }
+        # generate() repeats each row num_return_sequences times in everything it prepared, not in inputs_tensor
+        inputs_tensor = inputs_tensor.repeat_interleave(input_ids.shape[0] // inputs_tensor.shape[0], dim=0)
         inputs.small_encoder_kwargs = _run_encoder(assistant_model, inputs_tensor, inputs.attention_mask)
         inputs.attention_mask = None  # the decoder prompt (decoder start ids) has no padding
     else:
@@ -242,12 +250,20 @@ def _bild_decoding(
     sampling = Sampling(do_sample=bool(generation_config.do_sample), generator=generator)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    result = decode(model, assistant_model, inputs, rules, settings, sampling, streamer)
+    as_dict = bool(generation_config.return_dict_in_generate)
+    result = decode(
+        model, assistant_model, inputs, rules, settings, sampling, streamer,
+        output_scores=as_dict and bool(generation_config.output_scores),
+        output_logits=as_dict and bool(generation_config.output_logits),
+    )  # fmt: skip
     if streamer is not None:
         streamer.end()
     report(result.stats)
-    if generation_config.return_dict_in_generate:
-        return BildGenerateOutput(sequences=result.sequences, bild_stats=result.stats, cache=result.caches)
+    if as_dict:
+        return BildGenerateOutput(
+            sequences=result.sequences, bild_stats=result.stats, cache=result.caches, scores=result.scores,
+            logits=result.logits,
+        )  # fmt: skip
     return result.sequences
 
 
@@ -265,15 +281,9 @@ def _unsupported_options(config: GenerationConfig) -> list[tuple[str, bool, str]
         ),
         ("penalty_alpha (contrastive search)", bool(getattr(config, "penalty_alpha", None)), decode_greedily),
         (
-            f"num_return_sequences={config.num_return_sequences}",
-            config.num_return_sequences > 1,
-            "for several outputs per prompt, repeat the prompt in the batch,",
-        ),
-        ("output_scores / output_logits", bool(config.output_scores or config.output_logits), "drop them,"),
-        (
-            "output_attentions / output_hidden_states",
+            "output_attentions / output_hidden_states (two models' layers at tokens that are then rolled back)",
             bool(config.output_attentions or config.output_hidden_states),
-            "drop them,",
+            "drop them (output_scores / output_logits are supported),",
         ),
         (f"{' / '.join(set_modes)} (another decoding mode)", bool(set_modes), "drop it,"),
         (
