@@ -1,7 +1,7 @@
 """Where BiLD's time goes on this machine: the cost of one forward of each model, by tokens fed.
 
     python scripts/profile_pair.py [--small S --large L] [--dtype auto] [--compress int8 --vocab-size 32768]
-                                   [--save costs.json]
+                                   [--kernels stock|onednn|fit|both] [--save costs.json]
 
 BiLD's speedup is bounded by two ratios this prints: a small forward against a large one (drafting),
 and a large forward over k+1 tokens against one over 1 token (verifying k drafts costs that much more
@@ -9,7 +9,9 @@ than plain decoding). On a GPU the second ratio is close to 1 for small k; on a 
 Each row is the median of ``--repeats`` forwards after a warm-up, with ``--context`` tokens in the cache.
 ``--compress`` also times the small model compressed by `bild.compress_drafter` (the drafter used with
 ``--save``); ``--save`` writes the costs as `bild.DraftCosts` JSON for ``max_draft_tokens="auto"``
-(``draft_costs:`` in bench configs).
+(``draft_costs:`` in bench configs). ``--kernels`` puts every model's linear layers on a path of
+`bild.fit_kernels` (``fit``: the one timed fastest here); ``both`` times each model on stock kernels and
+again on oneDNN-packed ones, side by side, with every ratio in units of the stock large forward.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from bild.bench.machine import DTYPES, resolve_dtype
 from bild.bench.paths import resolve_model
 from bild.drafters import QUANTIZATIONS, compress_drafter
+from bild.kernels import PATHS, fit_kernels, machine_key
 from bild.schedule import PROFILE_TOKENS, DraftCosts, forward_ms
 
 DEFAULT_SMALL = "qwen2.5-coder-0.5b-instruct"
@@ -39,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compress", choices=[q for q in QUANTIZATIONS if q], help="also time a compressed drafter")
     parser.add_argument("--vocab-size", type=int, help="draft vocabulary of the compressed drafter")
+    parser.add_argument("--kernels", default="stock", choices=[*PATHS, "fit", "both"],
+                        help="linear-layer kernels (bild.fit_kernels); both: stock and onednn side by side")
     parser.add_argument("--save", help="write the large / (compressed) small costs as DraftCosts JSON here")
     return parser.parse_args(argv)
 
@@ -53,18 +58,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     if args.compress or args.vocab_size:
         models["drafter"] = compress_drafter(copy.deepcopy(models["small"]), args.compress, args.vocab_size)
-    with torch.inference_mode():
-        rows = [
-            {"tokens fed": n, **{name: forward_ms(model, args.context, n, args.repeats) for name, model in models.items()}}
-            for n in PROFILE_TOKENS
-        ]
-    print_table(rows, list(models), f"context {args.context} tokens, {str(dtype).removeprefix('torch.')}, "
-                f"{device}, {torch.get_num_threads()} threads")  # fmt: skip
+    if args.kernels not in ("stock", "both"):
+        models = {name: fit_kernels(m, PATHS if args.kernels == "fit" else (args.kernels,)) for name, m in models.items()}
+    for name, model in models.items():
+        fit = getattr(model, "bild_kernels", None)
+        print(f"{name}: {'stock' if fit is None else fit.path} kernels" + (f" ({fit.reason})" if fit else ""))
+    rows = time_models(models, args)
+    if args.kernels == "both":  # the same models again, packed in place (no second copy in memory)
+        packed = {f"{name} onednn": fit_kernels(m, ("onednn",)) for name, m in models.items()}
+        for row, more in zip(rows, time_models(packed, args), strict=True):
+            row.update(more)
+        models.update(packed)
+    key = machine_key(models["large"])
+    print_table(rows, list(models), f"context {args.context} tokens, {key['dtype']}, {device}, {key['threads']} threads, "
+                f"{key.get('cpu_model', '')}, torch CPU capability {key.get('cpu_capability')}"
+                f"{', oneDNN ISA ' + key['onednn_isa'] if key.get('onednn_isa') else ''}")  # fmt: skip
     if args.save:
         drafter = "drafter" if "drafter" in models else "small"
         costs = DraftCosts.from_ms({r["tokens fed"]: r[drafter] for r in rows}, {r["tokens fed"]: r["large"] for r in rows})
         print(f"wrote {costs.save(args.save)} ({drafter} model as the drafter)")
     return rows
+
+
+def time_models(models: dict, args: argparse.Namespace) -> list[dict]:
+    with torch.inference_mode():
+        return [
+            {"tokens fed": n, **{name: forward_ms(model, args.context, n, args.repeats) for name, model in models.items()}}
+            for n in PROFILE_TOKENS
+        ]
 
 
 def print_table(rows: list[dict], names: list[str], title: str) -> None:

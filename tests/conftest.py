@@ -73,6 +73,15 @@ def translation_batches(chain):
     return batch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bild_home(tmp_path_factory):
+    """A fresh ``$BILD_HOME`` for the session: costs and kernel choices measured by tests never reach the user's."""
+    home = tmp_path_factory.mktemp("bild-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BILD_HOME", str(home))
+        yield home
+
+
 @pytest.fixture(scope="session")
 def causal_pair():
     """(large, small) decoder-only Qwen2 pair, trained on slightly different chains."""

@@ -104,14 +104,27 @@ def test_auto_is_the_largest_fixed_cap_where_drafting_always_pays(pair):
     assert auto.bild_stats == fixed.bild_stats
 
 
-def test_auto_with_estimated_costs_is_lossless_and_reproducible(pair):
-    large, _ = pair
+def test_auto_with_measured_costs_is_lossless_and_reproducible(pair, tmp_path, monkeypatch):
+    """Without draft_costs, "auto" measures the pair on first use; the next call reads the stored costs."""
+    monkeypatch.setenv("BILD_HOME", str(tmp_path))
+    large, small = pair
     ids, mask = left_pad(prompts(4))
-    first = generate(large, ids, mask, max_draft_tokens="auto")
-    second = generate(large, ids, mask, max_draft_tokens="auto")
+    calls = []
+    hook = large.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        first = generate(large, ids, mask, max_draft_tokens="auto")
+        n_first = len(calls)
+        second = generate(large, ids, mask, max_draft_tokens="auto")
+        n_second = len(calls) - n_first
+    finally:
+        hook.remove()
     assert torch.equal(first.sequences, stock_greedy(large, ids, mask))
     assert torch.equal(first.sequences, second.sequences) and first.bild_stats == second.bild_stats
-    assert sum(first.bild_stats.small_forwards) > 0  # the tiny drafter is cheap enough to be used
+    # the first call timed the large model (a context and repeated forwards), the second only decoded
+    assert n_first > n_second == max(second.bild_stats.large_forwards)
+    assert DraftCosts.for_pair(large, small) == DraftCosts.load(
+        {k: v for k, v in json.loads(next((tmp_path / "fit").glob("costs-*.json")).read_text()).items() if k != "key"}
+    )
 
 
 def test_auto_in_a_saved_config(pair, tmp_path):
@@ -133,13 +146,16 @@ def test_auto_in_a_saved_config(pair, tmp_path):
 @pytest.mark.parametrize("max_draft_tokens", [4, "auto"])
 def test_checking_the_unsure_token_is_lossless_and_batch_safe(pair, max_draft_tokens):
     large, _ = pair
+    # "auto" chooses one cap for the rows of a batch: with costs that always favour drafting, that is every
+    # row's own choice, so the per-row stats can be compared too (measured costs could favour either)
+    costs = {"draft_costs": ALWAYS_PAYS} if max_draft_tokens == "auto" else {}
     ids, mask = left_pad(prompts(4))
     out = generate(large, ids, mask, fallback_threshold=0.9, verify_fallback_token=True,
-                   max_draft_tokens=max_draft_tokens)  # fmt: skip
+                   max_draft_tokens=max_draft_tokens, **costs)  # fmt: skip
     assert torch.equal(out.sequences, stock_greedy(large, ids, mask))
     for b in range(4):
         alone = generate(large, ids[b : b + 1, mask[b].bool()], fallback_threshold=0.9, verify_fallback_token=True,
-                         max_draft_tokens=max_draft_tokens)  # fmt: skip
+                         max_draft_tokens=max_draft_tokens, **costs)  # fmt: skip
         assert torch.equal(alone.sequences[0], out.sequences[b, -alone.sequences.shape[1] :])
         assert alone.bild_stats.to_dict() == out.bild_stats.row(b).to_dict()
 

@@ -7,6 +7,7 @@ from .config import BildGenerationConfig, BildSettings
 from .drafters import compress_drafter
 from .early_exit import EarlyExitDrafter, early_exit, train_exit
 from .integration import BildGenerateOutput, BildGenerationMixin, attach, detach
+from .kernels import fit_kernels
 from .schedule import DraftCosts
 from .stats import BildStats, collect_stats
 
@@ -29,6 +30,7 @@ __all__ = [
     "compress_drafter",
     "detach",
     "early_exit",
+    "fit_kernels",
     "train_exit",
 ]
 __version__ = "0.1.0"

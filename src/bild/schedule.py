@@ -4,9 +4,9 @@
 maximizes the expected tokens per unit of cost of that round, from
 
 - `DraftCosts`: the cost of a small-model forward and of a large-model forward by the number of tokens
-  fed (all rows together), in units of one single-token large forward. Measured once per pair and device
-  (`DraftCosts.measure`, saved as JSON) or estimated from the bytes of weight each model reads per
-  forward (`DraftCosts.estimate`): never from live timings, so outputs are reproducible;
+  fed (all rows together), in units of one single-token large forward. Measured once per pair and machine
+  on first use and stored (`DraftCosts.for_pair`), or given (`DraftCosts.measure`, saved as JSON): never
+  from live timings during generation, so the same call gives the same output;
 - per row, how often the small model stayed confident (``r``, it drafts another token) and how often the
   large model kept a draft (``a``) in recent rounds (decayed counts with a prior).
 
@@ -19,20 +19,31 @@ model that is rarely confident, or batches whose verification is compute-bound o
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from .compat import cache_kwarg, new_cache
+from .compat import cache_kwarg, crop_cache, new_cache
+from .home import bild_home
+from .kernels import PackedLinear, machine_key, model_fingerprint
+
+logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 AUTO_MAX_DRAFT_TOKENS = 20  # the largest cap "auto" considers
 PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64)  # tokens fed per forward that `DraftCosts.measure` times
+# what `DraftCosts.for_pair` times on first use: enough to price drafting and verification, in seconds
+COST_TOKENS = (1, 2, 4, 8, 16, 32)
+COST_CONTEXT = 64
+COST_REPEATS = 3
 # Extra cost of each further token fed to one forward, relative to a single-token forward, measured on
 # the project's reference machines (README, "Where the time goes"): GPUs are bound by per-call overhead,
 # CPUs by weight bytes in bfloat16 and by arithmetic in float32.
@@ -72,7 +83,10 @@ class DraftCosts:
 
     @classmethod
     def estimate(cls, large: PreTrainedModel, small: PreTrainedModel) -> DraftCosts:
-        """Costs without timing anything: a forward costs the weight bytes it reads, plus a per-token slope."""
+        """Costs without timing anything: a forward costs the weight bytes it reads, plus a per-token slope.
+
+        A rough guess (the slope comes from the project's reference machines): `for_pair` measures instead.
+        """
         ratio = forward_bytes(small) / forward_bytes(large)
         slope = TOKEN_SLOPE["cuda"] if large.device.type == "cuda" else TOKEN_SLOPE[
             "cpu-float32" if large.dtype == torch.float32 else "cpu-bfloat16"]  # fmt: skip
@@ -90,6 +104,41 @@ class DraftCosts:
             large_ms = {n: forward_ms(large, context, n, repeats) for n in tokens}
             small_ms = {n: forward_ms(small, context, n, repeats) for n in tokens}
         return cls.from_ms(small_ms, large_ms)
+
+    @classmethod
+    def for_pair(cls, large: PreTrainedModel, small: PreTrainedModel) -> DraftCosts:
+        """The pair's costs on this machine: measured on first use (seconds), stored, and read back after.
+
+        Stored as JSON under ``$BILD_HOME/fit``, one file per (both models' shapes, compression and kernels;
+        device, dtype, threads, CPU kernels, torch version): `bild.kernels.machine_key`. A file that cannot
+        be read, or that was written for another key, is measured again with a warning. A drafter that
+        runs inside the large model (`bild.early_exit`) is not timed alone: its costs are estimated.
+        """
+        if hasattr(small, "bild_decoders"):
+            return cls.estimate(large, small)
+        key = {"large": model_fingerprint(large), "small": model_fingerprint(small), "machine": machine_key(large)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        path = bild_home() / "fit" / f"costs-{digest}.json"
+        if path.is_file():
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8"))
+                if stored.get("key") != key:
+                    raise ValueError("it was measured for other models or another machine")
+                return cls.load({"small": stored["small"], "large": stored["large"]})
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                warnings.warn(f"bild: draft costs in {path} are unusable ({err}); measuring them again.", stacklevel=2)
+        start = time.perf_counter()
+        costs = cls.measure(large, small, context=COST_CONTEXT, repeats=COST_REPEATS, tokens=COST_TOKENS)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"key": key, **asdict(costs)}, indent=2) + "\n", encoding="utf-8")
+        except OSError as err:
+            warnings.warn(f"bild: could not store draft costs in {path} ({err}).", stacklevel=2)
+        logger.warning(
+            "bild: measured draft costs in %.0f s, stored in %s: small %s, large %s (x one single-token large forward)",
+            time.perf_counter() - start, path, _points(costs.small), _points(costs.large),
+        )  # fmt: skip
+        return costs
 
     @classmethod
     def from_ms(cls, small_ms: dict[int, float], large_ms: dict[int, float]) -> DraftCosts:
@@ -118,10 +167,11 @@ class DraftCosts:
 
 
 def forward_bytes(model: PreTrainedModel) -> int:
-    """Bytes of parameters and buffers a forward reads: all but the input embedding table (one row a token)."""
+    """Bytes of weights a forward reads: all but the input embedding table (one row a token)."""
     if hasattr(model, "bild_forward_bytes"):  # a drafter that runs part of another model (bild.early_exit)
         return model.bild_forward_bytes()
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    total += sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if embeddings is not None and getattr(head, "weight", None) is not embeddings.weight:
@@ -130,20 +180,24 @@ def forward_bytes(model: PreTrainedModel) -> int:
 
 
 def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int) -> float:
-    """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens."""
+    """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens.
+
+    The context is fed once; after each timed forward the cache is cropped back to it.
+    """
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0))
     ids = ids.to(model.device)
     extra = {}
     if model.config.is_encoder_decoder:  # the encoder runs once per generate(): not part of a step
         extra["encoder_outputs"] = model.get_encoder()(input_ids=ids[:, :context], return_dict=True)
+    cache = new_cache(model)
+    _feed(model, ids[:, :context], cache, extra)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
-        cache = new_cache(model)
-        _feed(model, ids[:, :context], cache, extra)
         start = _clock(model.device)
         _feed(model, ids[:, context:], cache, extra)
         times.append(1000 * (_clock(model.device) - start))
+        crop_cache(cache, n_new)
     return statistics.median(times[1:])
 
 
@@ -156,6 +210,10 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _points(points: tuple[tuple[int, float], ...]) -> str:
+    return " ".join(f"{n}:{c:.2f}" for n, c in points)
 
 
 def _interpolate(points: tuple[tuple[int, float], ...], n: float) -> float:

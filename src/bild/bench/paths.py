@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..home import bild_home
 
-def bild_home() -> Path:
-    """The root folder for prepared models and data: env ``BILD_HOME`` or ``~/.cache/bild``."""
-    return Path(os.environ.get("BILD_HOME") or Path.home() / ".cache" / "bild").expanduser()
+__all__ = ["bild_home", "resolve_data", "resolve_model"]
 
 
 def resolve_model(name: str) -> str:
