@@ -278,3 +278,18 @@ def test_a_stateful_criterion_stops_rows_where_stock_does(pair):
     assert all(g <= 16 for g in out.bild_stats.generated)
     stats = out.bild_stats
     assert all(a <= g for a, g in zip(stats.accepted, stats.generated, strict=True))
+
+
+def test_scores_with_a_drafter_that_builds_its_own_decoders(causal_pair):
+    """An early-exit drafter brings its own decoders (`bild_decoders`): scores and logits still come back."""
+    large, _ = causal_pair
+    bild.attach(large, bild.early_exit(large, 1))
+    try:
+        ids, mask = left_pad(prompts(3))
+        flags = dict(output_scores=True, output_logits=True, max_new_tokens=8)
+        expected = generate(large, ids, mask, bild_mode=False, do_sample=False, **flags)
+        out = generate(large, ids, mask, **LOSSLESS, **flags)
+        assert_steps_match(out, expected, ids.shape[1], "scores")
+        assert_steps_match(out, expected, ids.shape[1], "logits")
+    finally:
+        bild.detach(large)
