@@ -107,6 +107,18 @@ def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
 
     report = (out / "results.md").read_text(encoding="utf-8")
     assert "| method | bleu |" in report and "bild-as-small" in report and "Columns:" in report
+    # the machine a table comes from: CPU flags, torch's kernels, and each model's linear-layer path
+    env = results["environment"]
+    assert env["cpu_capability"] and set(env["kernels"]) == {"large", "small"}
+    assert set(env["kernels"].values()) <= {"stock", "onednn"} and "torch kernels" in report and "linear layers" in report
+
+
+def test_stock_kernels_leave_the_models_as_loaded(tiny_pair, data_file, tmp_path):
+    config = write_config(tmp_path, tiny_pair, data_file, kernels="stock", methods=["large"], limit=1)
+    assert cli.main(["bench", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert results["environment"]["kernels"] == {"large": "stock", "small": "stock"}
+    assert results["config"]["kernels"] == "stock"
 
 
 def test_stop_strings_end_every_method(tiny_pair, data_file, tmp_path):
@@ -197,6 +209,7 @@ BASE = {"task": "translation", "small": "s", "large": "l"}
         ({"batchsize": 2}, "unknown key(s) ['batchsize']"),
         ({"device": "tpu"}, "`device` must be one of ['auto', 'cpu', 'cuda']"),
         ({"dtype": "fp8"}, "`dtype` must be one of ['auto', 'float32', 'bfloat16', 'float16']"),
+        ({"kernels": "mkl"}, "`kernels` must be one of ['fit', 'stock']"),
         ({"batch_size": 0}, "`batch_size` must be a positive integer"),
         ({"max_new_tokens": "64"}, "`max_new_tokens` must be a positive integer"),
         ({"chat": "yes"}, "`chat` must be true or false"),

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from bild.bench.machine import DEVICES, DTYPES
+from bild.bench.machine import DEVICES, DTYPES, KERNELS
 from bild.config import BILD_FIELDS, BildSettings, is_real
 from bild.drafters import QUANTIZATIONS
 
@@ -58,6 +58,7 @@ class BenchConfig:
     limit: int | None = None
     skip: int = 0  # examples passed over before the first one used (calibration uses a later slice)
     threads: int | None = None
+    kernels: str = "fit"  # linear-layer kernels of every model: fit (timed fastest here, bild.fit_kernels) | stock
     stop_strings: tuple[str, ...] = ()
     drafters: dict = field(default_factory=dict)  # name -> {model, quantization, vocab_size}
     methods: tuple[MethodSpec, ...] = ()
@@ -107,6 +108,7 @@ def parse_config(raw: Any, source: str = "config") -> BenchConfig:
     values = dict(raw)
     _check_choice(source, "device", values.get("device", "auto"), DEVICES, allow_prefix="cuda:")
     _check_choice(source, "dtype", values.get("dtype", "auto"), DTYPES)
+    _check_choice(source, "kernels", values.get("kernels", "fit"), KERNELS)
     for key in ("batch_size", "max_new_tokens"):
         values[key] = _positive_int(source, key, values.get(key, getattr(BenchConfig, key)))
     for key in ("limit", "threads"):

@@ -68,7 +68,7 @@ def run_calibrate(args) -> int:
     """Calibrate, print the summary; returns 0 when the held-out slice confirms the budget, else 1."""
     config = load_config(args.config).replace(
         skip=args.skip, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, threads=args.threads,
+        max_new_tokens=args.max_new_tokens, threads=args.threads, kernels=args.kernels,
     )  # fmt: skip
     caps = parse_draft_caps(args.max_draft_tokens) if args.max_draft_tokens else config_draft_caps(config)
     fallbacks, rollbacks = parse_float_list(args.fallback, "--fallback"), parse_float_list(args.rollback, "--rollback")

@@ -133,7 +133,7 @@ def load_overridden(args) -> BenchConfig:
     """The config file with the command-line overrides applied."""
     return load_config(args.config).replace(
         limit=args.limit, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, threads=args.threads,
+        max_new_tokens=args.max_new_tokens, threads=args.threads, kernels=args.kernels,
     )  # fmt: skip
 
 
@@ -187,7 +187,8 @@ def run_generate(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    pair = load_pair(args.large, args.small, device, resolve_dtype(args.dtype, device), attach=True)
+    pair = load_pair(args.large, args.small, device, resolve_dtype(args.dtype, device), attach=True,
+                     kernels=args.kernels)  # fmt: skip
     print(f"BiLD: fallback {settings.fallback_threshold:g}, rollback {settings.rollback_threshold:g}, "
           f"max drafts {settings.max_draft_tokens}")  # fmt: skip
     for i, prompt in enumerate(prompts):

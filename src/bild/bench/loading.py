@@ -14,6 +14,7 @@ from bild.bench.paths import bild_home, resolve_model
 from bild.drafters import compress_drafter
 from bild.early_exit import early_exit
 from bild.integration import check_pair, check_tokenizers
+from bild.kernels import fit_kernels, kernel_path
 
 PREPARE_HINT = "Offline, `python scripts/prepare_models.py` prepares the default pair under {models}."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
@@ -34,6 +35,11 @@ class ModelPair:
     def is_encoder_decoder(self) -> bool:
         return bool(self.large.config.is_encoder_decoder)
 
+    def kernels(self) -> dict[str, str]:
+        """The linear-layer path of each model: ``{"large": "onednn", "small": ..., <drafter>: ...}``."""
+        models = {"large": self.large, "small": self.small, **self.drafters}
+        return {name: kernel_path(model) for name, model in models.items()}
+
     def drafter(self, name: str | None) -> torch.nn.Module:
         """The drafter called ``name`` in the config, or the plain small model for None."""
         return self.small if name is None else self.drafters[name]
@@ -53,11 +59,13 @@ class Batch:
 
 
 def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, *, attach: bool,
-              drafters: dict | None = None) -> ModelPair:  # fmt: skip
+              drafters: dict | None = None, kernels: str = "stock") -> ModelPair:  # fmt: skip
     """Both models (hub ids or folders, resolved with `resolve_model`) and the large model's tokenizer.
 
     ``attach``: make the large model understand ``generation_mode="bild"`` with the small one as assistant.
     ``drafters``: further small models by name (see `load_drafter`).
+    ``kernels``: "fit" puts every model's linear layers on the path `bild.fit_kernels` times fastest here
+    (after the drafters are copied and compressed); "stock" leaves them as loaded.
     """
     large_model, tokenizer = load_large(large, device, dtype)
     small_path = resolve_existing(small)
@@ -71,6 +79,10 @@ def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, 
     )
     pair = ModelPair(large_model, small_model, tokenizer, eos_ids, tokenizer.pad_token_id)
     pair.drafters = {name: load_drafter(pair, entry, dtype) for name, entry in (drafters or {}).items()}
+    if kernels == "fit":
+        for model in (pair.large, pair.small, *pair.drafters.values()):
+            if not hasattr(model, "bild_decoders"):  # an early exit runs the large model's (fitted) layers
+                fit_kernels(model)
     if attach:
         bild.attach(pair.large, pair.small)
     return pair

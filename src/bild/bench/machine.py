@@ -16,6 +16,7 @@ import bild
 
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("fit", "stock")  # fit: every model's linear layers on the path bild.fit_kernels times fastest here
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bfloat16 math
 
 
@@ -27,6 +28,10 @@ def add_machine_options(parser: argparse.ArgumentParser, defaults: bool = True) 
         help=f"{', '.join(DTYPES)} (auto: bfloat16 on a GPU or CPU that computes in it, else float32)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--kernels", choices=KERNELS, default="fit" if defaults else None,
+        help="linear-layer kernels: fit (the path timed fastest on this machine, bild.fit_kernels) or stock",
+    )  # fmt: skip
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,9 +78,16 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def environment(device: torch.device, dtype: torch.dtype, batch_size: int) -> dict:
-    """Versions, device and machine: what a reader needs to judge the timings."""
+def environment(device: torch.device, dtype: torch.dtype, batch_size: int, kernels: dict | None = None) -> dict:
+    """Versions, device and machine: what a reader needs to judge the timings.
+
+    ``kernels``: the linear-layer path of each model by name (`bild.fit_kernels`).
+    """
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    cpu = {}
+    if device.type == "cpu":
+        cpu = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_vector_flags(),
+               "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}  # fmt: skip
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -89,7 +101,20 @@ def environment(device: torch.device, dtype: torch.dtype, batch_size: int) -> di
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "batch_size": batch_size,
+        **cpu,
+        "kernels": kernels or {},
     }
+
+
+def cpu_vector_flags() -> str:
+    """The CPU's vector-math flags that decide kernels (AVX2, AVX-512, bf16, AMX), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(flag for flag in wanted if flag in flags)
 
 
 def cpu_name() -> str:

@@ -36,6 +36,18 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _cpu_kernels(env: dict) -> str:
+    """``; CPU flags avx2 ..., torch kernels AVX2, linear layers large onednn, ...`` (older results lack them)."""
+    parts = []
+    if env.get("cpu_flags") is not None:
+        parts.append(f"CPU flags {env['cpu_flags'] or 'none of avx2/avx512'}")
+    if env.get("cpu_capability"):
+        parts.append(f"torch kernels {env['cpu_capability']}" + (f", oneDNN ISA {env['onednn_isa']}" if env.get("onednn_isa") else ""))
+    if env.get("kernels"):
+        parts.append("linear layers " + ", ".join(f"{name} {path}" for name, path in env["kernels"].items()))
+    return "".join(f"; {p}" for p in parts)
+
+
 def markdown_report(results: dict) -> str:
     """``results.md``: what ran where, the table, caveats and the definitions of the columns."""
     config, env, task = results["config"], results["environment"], results["task"]
@@ -47,7 +59,7 @@ def markdown_report(results: dict) -> str:
         f"- {results['n_examples']} examples of `{config['data'] or 'offline default'}`, chat={config['chat']}, "
         f"batch size {config['batch_size']}, max_new_tokens {config['max_new_tokens']}, greedy",
         f"- {env['device']} ({env['device_name']}), {env['dtype']}, {env['cpu_count']} CPUs, "
-        f"{env['torch_threads']} torch threads",
+        f"{env['torch_threads']} torch threads" + _cpu_kernels(env),
         f"- torch {env['torch']}, transformers {env['transformers']}, bild {env['bild']}, {env['date']}",
     ]
     if config.get("config_file"):

@@ -91,7 +91,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True, config_file: str | 
     device = distributed.process_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     is_bild = any(spec.name == "bild" for spec in config.methods)
-    pair = load_pair(config.large, config.small, device, dtype, attach=is_bild, drafters=config.drafters)
+    pair = load_pair(config.large, config.small, device, dtype, attach=is_bild, drafters=config.drafters,
+                     kernels=config.kernels)  # fmt: skip
     prompts = [task.prompt(ex, pair.tokenizer, chat=config.chat, prefix=config.prefix) for ex in examples]
     batches = make_batches(prompts, pair, config.batch_size, device, chat=config.chat)
     progress = progress and distributed.is_main_process()
@@ -113,7 +114,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True, config_file: str | 
     return {
         "config": {**config.to_dict(), "config_file": config_file},
         "environment": {
-            **environment(device, dtype, config.batch_size),
+            **environment(device, dtype, config.batch_size, pair.kernels()),
             "processes": distributed.num_processes(),
         },
         "task": {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better},
