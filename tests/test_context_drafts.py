@@ -1,0 +1,263 @@
+"""Context drafts (``prompt_lookup_num_tokens`` in bild mode): free drafts copied from each row's own text.
+
+Prompts here repeat a stretch of text, or walk a short cycle of the Markov chain both models learned, so the
+lookup finds the row's last n-gram earlier in its text and the large model agrees with what followed it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CHAIN, EOS, PAD, VOCAB, left_pad, sample_chain
+from test_core import ForwardCounter, bild_generate, strip
+from test_sampling import P_VALUE, SAMPLING, chi_square_p_value, large_joint_distribution
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+import bild
+from bild import decoding
+from bild.bench.bench_config import parse_config
+from bild.config import BildSettings
+from bild.context_drafts import propose_context_drafts
+from bild.decoding import BatchState, TokenRules
+
+LOOKUP = dict(prompt_lookup_num_tokens=4, max_matching_ngram_size=2)
+
+
+def repeating_prompts(n: int, seed: int = 5) -> list[torch.Tensor]:
+    """``n`` prompts of unequal lengths: a walk around `chain_cycle`, then chain-following stretches of text
+    each followed by itself and its first half again."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [sample_chain(CHAIN, 1, 3 + b % 4, generator)[0] for b in range(1, n)]
+    return [torch.tensor(chain_cycle() * 2)] + [torch.cat([row, row, row[: len(row) // 2 + 1]]) for row in rows]
+
+
+def chain_cycle() -> list[int]:
+    """The shortest cycle of 3 tokens or more of the chain: text that walks it repeats itself, and the large
+    model follows it."""
+    cycles = []
+    for first in range(3, VOCAB):
+        cycle, token = [first], int(CHAIN[first])
+        while token not in cycle:
+            cycle.append(token)
+            token = int(CHAIN[token])
+        cycles.append(cycle[cycle.index(token) :])
+    return min((cycle for cycle in cycles if len(cycle) >= 3), key=len)
+
+
+def totals(out) -> dict:
+    return {name: out.bild_stats.total(name) for name in out.bild_stats.names()}
+
+
+# --- the lookup itself ----------------------------------------------------------------------------------
+
+
+def lookup(rows, k=3, max_ngram=2, max_length=30):
+    """Context drafts of left-padded ``rows``: `(n_context, ends_in_eos, each row's drafts)`."""
+    ids, mask = left_pad([torch.tensor(r) for r in rows])
+    state = BatchState.from_prompts(ids, mask, max_length, PAD)
+    rules = TokenRules(LogitsProcessorList(), StoppingCriteriaList(), max_length, PAD, torch.tensor([EOS]), VOCAB)
+    settings = BildSettings(prompt_lookup_num_tokens=k, max_matching_ngram_size=max_ngram)
+    n_context, ends_in_eos = propose_context_drafts(state, rules, settings)
+    drafts = [state.token_ids[b, ids.shape[1] : int(state.lengths[b])].tolist() for b in range(len(rows))]
+    assert (state.lengths - ids.shape[1]).tolist() == n_context.tolist()
+    return n_context.tolist(), ends_in_eos.tolist(), drafts
+
+
+def test_lookup_takes_the_most_recent_earlier_match_of_the_longest_ngram():
+    _, _, drafts = lookup([
+        [5, 6, 7, 5, 6, 8, 5, 6],  # (5, 6) at 0 and 3: the most recent wins (stock's first match would give 7)
+        [5, 6, 9, 4, 6, 7, 5, 6],  # (5, 6) at 0 beats the more recent unigram 6 at 4
+        [4, 6, 7, 5, 6],  # no earlier (5, 6): the unigram 6 at 1
+        [5, 5],  # only one token follows the match (the suffix itself)
+        [3, 4, 5, 6],  # nothing to match
+    ])  # fmt: skip
+    assert drafts == [[8, 5, 6], [9, 4, 6], [7, 5, 6], [5], []]
+
+
+def test_lookup_skips_padding_and_stops_at_eos_and_the_length_limit():
+    n_context, ends_in_eos, drafts = lookup([[4, PAD], [5, EOS, 7, 5], [3, 9, 8, 5, 9, 7, 3, 9]], k=3, max_ngram=1)
+    assert drafts[0] == []  # row 0's last token, PAD, occurs earlier only in the left padding
+    assert drafts[1] == [EOS] and ends_in_eos == [False, True, False]  # EOS is the last context draft
+    assert drafts[2] == [7, 3, 9]  # the unigram 9 at 4: (3, 9) at 0 is not looked up (max_matching_ngram_size=1)
+    n_context, _, drafts = lookup([[3, 9, 8, 3, 9]], k=3, max_length=7)
+    assert n_context == [2] and drafts == [[8, 3]]  # room for 2 tokens
+
+
+# --- oracles ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+@pytest.mark.parametrize("settings", [dict(fallback_threshold=0.5, max_draft_tokens=4, **LOOKUP),
+                                      dict(fallback_threshold=0.9, max_draft_tokens=2, prompt_lookup_num_tokens=6,
+                                           max_matching_ngram_size=1)])  # fmt: skip
+def test_rollback_zero_with_lookup_is_large_greedy_decoder_only(pair, batch_size, settings):
+    large, _ = pair
+    ids, mask = left_pad(repeating_prompts(batch_size))
+    expected = large.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    out = bild_generate(large, ids, mask, rollback_threshold=0.0, **settings)
+    assert out.sequences.tolist() == expected.tolist()
+    counts = totals(out)
+    assert counts["context_accepted"] > 0, "the prompts must make context drafts that are kept"
+    assert counts["context_drafted"] <= counts["drafted"] and counts["context_accepted"] <= counts["accepted"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_rollback_zero_with_lookup_is_large_greedy_encoder_decoder(s2s, batch_size):
+    """T5: the text looked up is the decoder's (its start token and the accepted tokens)."""
+    large, _ = s2s
+    generator = torch.Generator().manual_seed(3)
+    patterns = [sample_chain(CHAIN, 1, 3 + b % 3, generator)[0] for b in range(batch_size)]
+    src = torch.stack([p.repeat(4)[:10] for p in patterns])  # the translation repeats the pattern's too
+    src[1:, 8:] = PAD
+    mask = (src != PAD).long()
+    expected = large.generate(src, attention_mask=mask, max_new_tokens=12)
+    out = bild_generate(large, src, mask, rollback_threshold=0.0, fallback_threshold=0.6, max_new_tokens=12, **LOOKUP)
+    assert [strip(r) for r in out.sequences] == [strip(r) for r in expected]
+    assert totals(out)["context_accepted"] > 0
+
+
+def test_batch_equals_rows_alone_with_lookup(pair):
+    large, _ = pair
+    rows = repeating_prompts(8, seed=6)
+    ids, mask = left_pad(rows)
+    settings = dict(fallback_threshold=0.7, rollback_threshold=1.0, max_draft_tokens=3, **LOOKUP)
+    batch = bild_generate(large, ids, mask, **settings)
+    for b, row in enumerate(rows):
+        alone = bild_generate(large, row[None], **settings)
+        assert strip(batch.sequences[b, ids.shape[1] :]) == strip(alone.sequences[0, len(row) :])
+        assert batch.bild_stats.row(b).to_dict() == alone.bild_stats.to_dict()
+    context = batch.bild_stats.context_drafted
+    assert len(set(context)) > 1 and min(context) < max(context), "rows must differ in their matches"
+    assert totals(batch)["rollbacks"] > 0
+
+
+def test_context_drafts_cost_no_small_forward_and_save_large_forwards(pair):
+    """fallback_threshold=1.0: the small model falls back at its first step every round, so every draft kept
+    is a context draft, and it took no small forward; each kept draft saves a large forward."""
+    large, small = pair
+    cycle = chain_cycle()
+    ids = torch.tensor([cycle * 2])
+    settings = dict(fallback_threshold=1.0, rollback_threshold=0.0, max_new_tokens=20)
+    with ForwardCounter(small) as small_calls, ForwardCounter(large) as large_calls:
+        out = bild_generate(large, ids, **settings, **LOOKUP)
+    with ForwardCounter(large) as large_alone:
+        plain = bild_generate(large, ids, **settings)
+    assert out.sequences.tolist() == plain.sequences.tolist()
+    stats = out.bild_stats
+    assert stats.generated == [20] and stats.context_accepted[0] >= 10
+    assert stats.drafted == stats.context_drafted and stats.accepted == stats.context_accepted
+    assert small_calls.calls == stats.small_forwards[0] == stats.large_forwards[0] == large_calls.calls
+    assert large_calls.calls == 20 - stats.accepted[0]  # one large forward per token it did not get for free
+    assert plain.bild_stats.large_forwards == [20] == [large_alone.calls]
+    assert large_calls.calls <= large_alone.calls / 2
+
+
+def test_max_draft_tokens_caps_small_steps_only(pair):
+    """Context drafts come on top of the cap: with one small step a round, a round checks more than one draft."""
+    large, _ = pair
+    ids = torch.tensor([chain_cycle() * 2])
+    out = bild_generate(large, ids, fallback_threshold=0.0, rollback_threshold=0.0, max_draft_tokens=1, **LOOKUP)
+    stats = out.bild_stats
+    # at most one small step a round (none once context drafts reach max_new_tokens), one draft each
+    assert stats.drafted[0] - stats.context_drafted[0] == stats.small_forwards[0] <= stats.large_forwards[0]
+    assert stats.context_accepted[0] > stats.large_forwards[0]  # yet more drafts kept than rounds
+
+
+def test_settings_come_from_a_generation_config_and_allow_several_sequences(pair):
+    """They are stock GenerationConfig fields; stock generate() would refuse num_return_sequences > 1 with them
+    (assisted decoding), bild mode takes it."""
+    large, _ = pair
+    ids = torch.tensor([chain_cycle() * 2])
+    config = bild.BildGenerationConfig(
+        rollback_threshold=0.0, max_new_tokens=12, pad_token_id=PAD, return_dict_in_generate=True,
+        prompt_lookup_num_tokens=3, num_return_sequences=2, do_sample=True, top_k=1,
+    )  # fmt: skip
+    out = large.generate(ids, generation_config=config)
+    assert out.sequences.shape[0] == 2 and totals(out)["context_accepted"] > 0
+    greedy = large.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    assert out.sequences.tolist() == greedy.repeat(2, 1).tolist()  # top_k=1: sampling is greedy
+    assert config.prompt_lookup_num_tokens == 3  # the config passed in is left as it was
+
+
+# --- sampling -------------------------------------------------------------------------------------------
+
+N_ROWS = 4000
+
+
+def lookup_prompt() -> torch.Tensor:
+    cycle = chain_cycle()
+    return torch.tensor(cycle + cycle[:2])  # its last bigram occurred at the start: context drafts from token 1
+
+
+def joint_counts(large, prompt, **settings) -> torch.Tensor:
+    torch.manual_seed(0)
+    out = large.generate(
+        prompt.repeat(N_ROWS, 1), generation_mode="bild", max_new_tokens=3, pad_token_id=PAD, rollback_threshold=0.0,
+        prompt_lookup_num_tokens=2, **SAMPLING, **settings,
+    )  # fmt: skip
+    first, second = out[:, len(prompt)], out[:, len(prompt) + 1]
+    return torch.bincount(first * VOCAB + second, minlength=VOCAB * VOCAB).reshape(VOCAB, VOCAB)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(fallback_threshold=1.0),  # context drafts only
+        dict(fallback_threshold=0.0, max_draft_tokens=2),  # small drafts after the context drafts
+    ],
+)
+def test_rollback_zero_with_lookup_samples_exactly_like_the_large_model(pair, settings):
+    """A context draft is drawn from a point mass: kept with probability p(x), else redrawn from p without x."""
+    large, _ = pair
+    prompt = lookup_prompt()
+    expected = large_joint_distribution(large, prompt, **SAMPLING)
+    assert 0.1 < float(expected[int(prompt[2])].sum()) < 0.9, "the first context draft must be sometimes rejected"
+    assert chi_square_p_value(joint_counts(large, prompt, **settings), expected) > P_VALUE
+
+
+def test_the_check_catches_context_drafts_treated_as_uniform_draws(pair, monkeypatch):
+    large, _ = pair
+
+    def uniform(step_probs, state, start, n_context, n_drafted):
+        return torch.full((len(start), int(n_drafted.max()), step_probs.shape[-1]), 1 / step_probs.shape[-1])
+
+    monkeypatch.setattr(decoding, "context_draft_probs", uniform)
+    prompt = lookup_prompt()
+    expected = large_joint_distribution(large, prompt, **SAMPLING)
+    assert chi_square_p_value(joint_counts(large, prompt, fallback_threshold=1.0), expected) < P_VALUE
+
+
+# --- settings --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(prompt_lookup_num_tokens=0), "`prompt_lookup_num_tokens` must be an integer >= 1 or None, got 0"),
+        (dict(prompt_lookup_num_tokens=-2), "`prompt_lookup_num_tokens` must be an integer >= 1 or None, got -2"),
+        (dict(prompt_lookup_num_tokens=2.5), "`prompt_lookup_num_tokens` must be an integer >= 1"),
+        (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=0), "`max_matching_ngram_size` must be an integer"),
+        (dict(max_matching_ngram_size=-1), "`max_matching_ngram_size` must be an integer >= 1 or None"),
+    ],
+)
+def test_bad_values_raise(pair, kwargs, message):
+    large, _ = pair
+    ids = torch.tensor([[3, 4, 3]])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        bild_generate(large, ids, **kwargs)
+    with pytest.raises(ValueError, match="must be an integer"):  # the same from a stock config passed in
+        bild_generate(large, ids, generation_config=GenerationConfig(**kwargs))
+    with pytest.raises(ValueError, match="must be an integer"):
+        bild.BildGenerationConfig(**kwargs)
+
+
+def test_bench_bild_method_takes_the_lookup_settings():
+    base = {"task": "translation", "small": "s", "large": "l"}
+    config = parse_config({**base, "methods": [{"name": "bild", "prompt_lookup_num_tokens": 5}, "bild"]})
+    lookup_method, plain = config.methods
+    assert lookup_method.params["prompt_lookup_num_tokens"] == 5
+    assert "max_matching_ngram_size" not in lookup_method.params
+    assert lookup_method.label == "bild(0.6, 2, 10+pl5)"
+    assert "prompt_lookup_num_tokens" not in plain.params  # unset: not passed to generate()
+    with pytest.raises(ValueError, match="my.yaml: bild method: `max_matching_ngram_size` must be"):
+        parse_config({**base, "methods": [{"name": "bild", "max_matching_ngram_size": 0}]}, source="my.yaml")
