@@ -108,6 +108,7 @@ def test_rollback_zero_with_lookup_is_large_greedy_encoder_decoder(s2s, batch_si
     generator = torch.Generator().manual_seed(3)
     patterns = [sample_chain(CHAIN, 1, 3 + b % 3, generator)[0] for b in range(batch_size)]
     src = torch.stack([p.repeat(4)[:10] for p in patterns])  # the translation repeats the pattern's too
+    src[:, 7] = torch.randint(3, VOCAB, (batch_size,), generator=generator)  # until it does not
     src[1:, 8:] = PAD
     mask = (src != PAD).long()
     expected = large.generate(src, attention_mask=mask, max_new_tokens=12)
@@ -193,7 +194,7 @@ def joint_counts(large, prompt, **settings) -> torch.Tensor:
     torch.manual_seed(0)
     out = large.generate(
         prompt.repeat(N_ROWS, 1), generation_mode="bild", max_new_tokens=3, pad_token_id=PAD, rollback_threshold=0.0,
-        prompt_lookup_num_tokens=2, **SAMPLING, **settings,
+        **SAMPLING, **settings,
     )  # fmt: skip
     first, second = out[:, len(prompt)], out[:, len(prompt) + 1]
     return torch.bincount(first * VOCAB + second, minlength=VOCAB * VOCAB).reshape(VOCAB, VOCAB)
@@ -202,8 +203,9 @@ def joint_counts(large, prompt, **settings) -> torch.Tensor:
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(fallback_threshold=1.0),  # context drafts only
-        dict(fallback_threshold=0.0, max_draft_tokens=2),  # small drafts after the context drafts
+        dict(fallback_threshold=1.0, prompt_lookup_num_tokens=2),  # context drafts only
+        # the second token is the small model's first draft, after one context draft
+        dict(fallback_threshold=0.0, max_draft_tokens=2, prompt_lookup_num_tokens=1),
     ],
 )
 def test_rollback_zero_with_lookup_samples_exactly_like_the_large_model(pair, settings):
@@ -224,7 +226,8 @@ def test_the_check_catches_context_drafts_treated_as_uniform_draws(pair, monkeyp
     monkeypatch.setattr(decoding, "context_draft_probs", uniform)
     prompt = lookup_prompt()
     expected = large_joint_distribution(large, prompt, **SAMPLING)
-    assert chi_square_p_value(joint_counts(large, prompt, fallback_threshold=1.0), expected) < P_VALUE
+    counts = joint_counts(large, prompt, fallback_threshold=1.0, prompt_lookup_num_tokens=2)
+    assert chi_square_p_value(counts, expected) < P_VALUE
 
 
 # --- settings --------------------------------------------------------------------------------------------
