@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from conftest import PAD, prompts
 
@@ -13,6 +16,7 @@ from bild.compat import (
     new_cache,
     prepared_special_tokens,
     takes_forward_arg,
+    tree_attention_mask,
 )
 
 
@@ -60,3 +64,21 @@ def test_generate_hands_a_custom_loop_the_prepared_special_tokens(causal_pair):
 
     large.generate(prompts(1)[0][None], custom_generate=loop, eos_token_id=[1, 5], pad_token_id=PAD)
     assert seen["eos"].tolist() == [1, 5] and int(seen["pad"]) == PAD
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_4d_mask_is_taken_as_given_in_the_format_of_the_attention(causal_pair, attention):
+    """tree_attention_mask: the causal pattern as a custom 4D mask gives the model's own outputs, and hiding a
+    key changes them (the mask is really used)."""
+    large = copy.deepcopy(causal_pair[0])
+    large.set_attn_implementation(attention)
+    ids = prompts(1, lengths=(7,))[0][None]
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()[None]  # [1, Q, K]
+    with torch.inference_mode():
+        plain = large(ids).logits
+        masked = large(ids, attention_mask=tree_attention_mask(large, causal)).logits
+        hidden = causal.clone()
+        hidden[0, 6, 5] = False
+        changed = large(ids, attention_mask=tree_attention_mask(large, hidden)).logits
+    torch.testing.assert_close(masked, plain)
+    assert not torch.allclose(changed[0, 6], plain[0, 6]) and torch.allclose(changed[0, :6], plain[0, :6])

@@ -57,6 +57,16 @@ class TrackedCache:
         self.slot_index = torch.cat([self.slot_index, chunk_slot_index], dim=1)
         self.n_seen = new_n_seen
 
+    def keep_sibling(self, n_tree: int, kept: torch.Tensor, index: torch.Tensor) -> None:
+        """Settle a forward that fed ``n_tree`` siblings of the token at ``index[b]`` in its last columns: row ``b``
+        keeps sibling ``kept[b]`` in place of that token, or (-1) the token itself; the others are forgotten."""
+        columns = torch.arange(self.length, device=kept.device)
+        is_tree = columns >= self.length - n_tree  # [S]
+        is_chosen = (kept >= 0)[:, None]
+        is_kept_column = columns[None, :] == (self.length - n_tree + kept)[:, None]  # [B, S]
+        drop = (is_tree & ~(is_chosen & is_kept_column)) | (is_chosen & ~is_tree & (self.slot_index == index[:, None]))
+        self.slot_index = self.slot_index.masked_fill(drop, -1)
+
     def discard_from(self, keep_len: torch.Tensor) -> None:
         """Forget every token at sequence index >= ``keep_len[b]`` in row ``b``; crop slots no row uses."""
         self.slot_index = self.slot_index.masked_fill(self.slot_index >= keep_len[:, None], -1)

@@ -18,6 +18,10 @@ tested in tests/test_compat.py:
   in ``cache.layers[i]`` that may be replaced (T5 rows decoded together are right-aligned this way);
   `has_relative_positions` names the encoder-decoder families that place tokens only relative to each other.
 - Early exit (`run_decoder_layer`, `crop_cache_layers`, `output_with_cache`): see the block at the end.
+- `tree_attention_mask`: decoder-only models take a 4D ``attention_mask`` `(batch, 1, query, key)` as given
+  (``masking_utils`` returns a 4D mask as is); its format follows the private
+  ``config._attn_implementation``: "sdpa" (and flex/flash refuse) wants bool (True: attend), "eager" an
+  additive float mask.
 - The ``custom_generate=<callable>`` route of generate() itself (used in integration.py) is public API.
 """
 
@@ -84,6 +88,29 @@ def prepared_special_tokens(config: GenerationConfig) -> tuple[torch.Tensor | No
 # slots are contiguous. Families with absolute positions taken from the cache length (BART, Marian,
 # Pegasus, ...) cannot, and decode one row at a time.
 RELATIVE_POSITION_SEQ2SEQ = ("t5", "mt5", "umt5")
+
+
+TREE_MASK_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask here
+
+
+def attention_implementation(model: PreTrainedModel) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def tree_attention_mask(model: PreTrainedModel, allowed: torch.Tensor) -> torch.Tensor:
+    """A `(batch, 1, query, key)` attention mask in the format ``model``'s attention takes, from bool ``allowed``."""
+    implementation = attention_implementation(model)
+    if implementation == "sdpa":
+        return allowed[:, None]
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]
+    raise ValueError(
+        f"fallback_candidates > 1 needs a model with attn_implementation in {TREE_MASK_ATTENTION}, got "
+        f"{implementation!r}: load it with attn_implementation='sdpa', or use fallback_candidates <= 1."
+    )
 
 
 def has_relative_positions(model: PreTrainedModel) -> bool:

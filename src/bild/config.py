@@ -20,7 +20,13 @@ DEFAULT_FALLBACK_THRESHOLD = 0.6
 DEFAULT_ROLLBACK_THRESHOLD = 2.0
 DEFAULT_MAX_DRAFT_TOKENS = 10
 DEFAULT_VERIFY_FALLBACK_TOKEN = False
-BILD_FIELDS = ("fallback_threshold", "rollback_threshold", "max_draft_tokens", "verify_fallback_token", "draft_costs")
+DEFAULT_FALLBACK_CANDIDATES = 0
+BILD_FIELDS = (
+    "fallback_threshold", "rollback_threshold", "max_draft_tokens", "verify_fallback_token", "draft_costs",
+    "fallback_candidates",
+)  # fmt: skip
+# Stock GenerationConfig fields that BiLD reads too: context drafts (prompt lookup), see bild.context_drafts
+CONTEXT_FIELDS = ("prompt_lookup_num_tokens", "max_matching_ngram_size")
 INF_JSON = "inf"  # an infinite threshold in saved configs: standard JSON has no Infinity
 # True inside an attached model's generate(): only there may stock generate() meet a BildGenerationConfig.
 _IN_ATTACHED_GENERATE = contextvars.ContextVar("bild_in_attached_generate", default=False)
@@ -34,11 +40,19 @@ class BildSettings:
     rollback_threshold: alpha_RB >= 0 (``inf`` allowed); a draft the large model disagrees with is rolled back
         when its cross-entropy under the large model exceeds it. 0 makes BiLD lossless.
     max_draft_tokens: N >= 1, the large model is called after at most N drafts; or ``"auto"``, a cap chosen
-        each round from the pair's forward costs and recent acceptance (`bild.schedule`).
+        each round from the pair's forward costs and recent acceptance (`bild.schedule`). It caps small-model
+        steps: context drafts (``prompt_lookup_num_tokens``) come on top.
     verify_fallback_token: on a fallback, the large model also checks the token the small model was unsure
         of, in the same forward; it is kept only if it is exactly the large model's own choice.
-    draft_costs: for ``"auto"``: a `bild.DraftCosts`, its dict, or a JSON file of one; None estimates them
-        from the weight bytes of both models.
+    draft_costs: for ``"auto"``: a `bild.DraftCosts`, its dict, or a JSON file of one; None measures the pair
+        on first use (`DraftCosts.for_pair`).
+    fallback_candidates: K >= 0, the small model's top-K tokens at the unsure position that the large model
+        checks as siblings in its verification forward (one is kept if it is exactly the large model's own
+        choice); 1 is ``verify_fallback_token``; 0 drops the unsure token (the paper's rule).
+    prompt_lookup_num_tokens: k >= 1 or None (the stock `GenerationConfig` field): each round first copies up to
+        k tokens as free drafts from where the row's last n-gram occurred earlier in its text
+        (`bild.context_drafts`); None: none.
+    max_matching_ngram_size: the longest n-gram looked up (>= 1; None: 2, like stock prompt lookup).
     """
 
     fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD
@@ -46,10 +60,18 @@ class BildSettings:
     max_draft_tokens: int | str = DEFAULT_MAX_DRAFT_TOKENS
     verify_fallback_token: bool = DEFAULT_VERIFY_FALLBACK_TOKEN
     draft_costs: DraftCosts | dict | str | None = None
+    fallback_candidates: int = DEFAULT_FALLBACK_CANDIDATES
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
 
     def __post_init__(self):
+        validate_context_settings(self.prompt_lookup_num_tokens, self.max_matching_ngram_size)
+        for name in CONTEXT_FIELDS:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
         validate_settings(self.fallback_threshold, self.rollback_threshold, self.max_draft_tokens,
-                          self.verify_fallback_token)  # fmt: skip
+                          self.verify_fallback_token, self.fallback_candidates)  # fmt: skip
+        object.__setattr__(self, "fallback_candidates", int(self.fallback_candidates))
         # plain Python numbers (not numpy scalars), so configs and reports serialize cleanly
         object.__setattr__(self, "fallback_threshold", float(self.fallback_threshold))
         object.__setattr__(self, "rollback_threshold", float(self.rollback_threshold))
@@ -57,6 +79,12 @@ class BildSettings:
             object.__setattr__(self, "max_draft_tokens", int(self.max_draft_tokens))
         if self.draft_costs is not None:
             object.__setattr__(self, "draft_costs", DraftCosts.load(self.draft_costs))
+
+    @property
+    def n_candidates(self) -> int:
+        """Tokens the large model checks at an unsure position: ``fallback_candidates``, at least 1 with
+        ``verify_fallback_token``."""
+        return max(self.fallback_candidates, int(self.verify_fallback_token))
 
     @classmethod
     def from_config(cls, *generation_configs: GenerationConfig | None, **overrides: Any) -> BildSettings:
@@ -66,7 +94,7 @@ class BildSettings:
         Fields no one sets (or sets to None) take the defaults; an explicit 0 stays 0.
         """
         values = {}
-        for name in BILD_FIELDS:
+        for name in (*BILD_FIELDS, *CONTEXT_FIELDS):
             value = overrides.get(name)
             for config in generation_configs:
                 if value is None:
@@ -77,7 +105,8 @@ class BildSettings:
 
 
 def validate_settings(
-    fallback_threshold: Any, rollback_threshold: Any, max_draft_tokens: Any, verify_fallback_token: Any = False
+    fallback_threshold: Any, rollback_threshold: Any, max_draft_tokens: Any, verify_fallback_token: Any = False,
+    fallback_candidates: Any = 0,
 ) -> None:
     """Raise a ValueError that says what to change when a BiLD setting is out of range."""
     if not is_real(fallback_threshold) or not 0.0 <= float(fallback_threshold) <= 1.0:
@@ -97,6 +126,31 @@ def validate_settings(
         )
     if not isinstance(verify_fallback_token, (bool, np.bool_)):
         raise ValueError(f"`verify_fallback_token` must be True or False, got {verify_fallback_token!r}.")
+    if not is_integer(fallback_candidates) or fallback_candidates < 0:
+        raise ValueError(
+            f"`fallback_candidates` must be an integer >= 0, got {fallback_candidates!r}: the number of the small "
+            "model's top tokens at an unsure position that the large model checks (0: none, the paper's rule)."
+        )
+
+
+def validate_context_settings(prompt_lookup_num_tokens: Any, max_matching_ngram_size: Any) -> None:
+    """Raise a ValueError that says what to change when a context-draft (prompt lookup) setting is out of range."""
+    if not is_count_or_none(prompt_lookup_num_tokens):
+        raise ValueError(
+            f"`prompt_lookup_num_tokens` must be an integer >= 1 or None, got {prompt_lookup_num_tokens!r}: in BiLD "
+            "mode it is the most tokens copied as free drafts each round from where the text's last n-gram occurred "
+            "before. Leave it out (None) to draft with the small model only."
+        )
+    if not is_count_or_none(max_matching_ngram_size):
+        raise ValueError(
+            f"`max_matching_ngram_size` must be an integer >= 1 or None (2), got {max_matching_ngram_size!r}: the "
+            "longest n-gram looked up for context drafts (prompt_lookup_num_tokens)."
+        )
+
+
+def is_count_or_none(value: Any) -> bool:
+    """None, or an integer >= 1."""
+    return value is None or (is_integer(value) and value >= 1)
 
 
 def from_json_value(value: Any) -> Any:
@@ -145,7 +199,8 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
         max_draft_tokens: N >= 1, the most small-model steps before the large model is called (default 10),
             or ``"auto"`` (a cost-aware cap each round).
         verify_fallback_token: let the large model check the small model's unsure token on a fallback.
-        draft_costs: for ``"auto"``: a JSON file or dict of `bild.DraftCosts` (None: estimated).
+        draft_costs: for ``"auto"``: a JSON file or dict of `bild.DraftCosts` (None: measured on first use).
+        fallback_candidates: K, the small model's top-K tokens at an unsure position checked by the large model.
         **kwargs: any `GenerationConfig` argument (``max_new_tokens``, ``eos_token_id``, ...).
     """
 
@@ -156,6 +211,7 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
         max_draft_tokens: int | str | None = None,
         verify_fallback_token: bool | None = None,
         draft_costs: dict | str | None = None,
+        fallback_candidates: int | None = None,
         **kwargs: Any,
     ):
         # GenerationConfig keeps unknown keyword arguments as attributes and validates at the end of __init__.
@@ -165,6 +221,7 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
             max_draft_tokens=max_draft_tokens,
             verify_fallback_token=verify_fallback_token,
             draft_costs=draft_costs,
+            fallback_candidates=fallback_candidates,
         )
         kwargs.update(generation_mode=BILD_MODE, **{name: from_json_value(v) for name, v in settings.items()})
         super().__init__(**kwargs)

@@ -16,8 +16,9 @@ from transformers import (
 )
 
 from .cache import BildCache, TrackedCache
-from .compat import has_relative_positions, takes_forward_arg
+from .compat import has_relative_positions, takes_forward_arg, tree_attention_mask
 from .config import BildSettings
+from .context_drafts import context_draft_probs, propose_context_drafts
 from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
 from .schedule import AUTO, DraftCosts, DraftSchedule
 from .stats import BildStats
@@ -141,12 +142,23 @@ class Drafts:
     n_steps: torch.Tensor  # small-model forwards
     fell_back: torch.Tensor  # bool, drafting ended because the small model was unsure
     has_candidate: torch.Tensor  # bool, the unsure token follows the drafts for the large model to check
+    n_context: torch.Tensor | None = None  # the first n_context drafts were copied from the text (prompt lookup)
     probs: torch.Tensor | None = None  # [B, K, V] sampling only: the distributions draft i was drawn from
+    # fallback_candidates > 1: the small model's next-best tokens at the unsure position, checked beside it
+    siblings: torch.Tensor | None = None  # [B, S] token ids; row b uses its first n_siblings[b]
+    n_siblings: torch.Tensor | None = None  # [B]
+    sibling_scores: torch.Tensor | None = None  # [B, S, V] the large model's processed scores after each sibling
+    sibling_logits: torch.Tensor | None = None  # [B, S, V_large] and its raw logits
+    kept_sibling: torch.Tensor | None = None  # [B] which sibling the large model chose (-1: none)
 
     @classmethod
     def empty(cls, start: torch.Tensor) -> Drafts:
         zeros = torch.zeros_like(start)
         return cls(zeros.clone(), zeros.clone(), zeros.bool(), zeros.bool())
+
+    @property
+    def has_siblings(self) -> bool:
+        return self.n_siblings is not None and bool((self.n_siblings > 0).any())
 
     @property
     def n_columns(self) -> int:
@@ -170,16 +182,23 @@ class Decoder:
         self.takes_logits_to_keep = takes_forward_arg(model, "logits_to_keep")
         self.keep_logits = False  # keep the last forward's logits over the model's whole vocabulary
         self.last_logits: torch.Tensor | None = None  # [B, n_targets, V_model] float32, when keep_logits
+        self.sibling_logits: torch.Tensor | None = None  # [B, S, V_model] float32, after a forward with siblings
 
     def forward(
-        self, state: BatchState, is_advancing: torch.Tensor, first_target: torch.Tensor, n_targets: int
-    ) -> torch.Tensor:
+        self, state: BatchState, is_advancing: torch.Tensor, first_target: torch.Tensor, n_targets: int,
+        siblings: torch.Tensor | None = None, n_siblings: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Read every token of the ``is_advancing`` rows the model has not seen yet; return next-token logits.
 
         Args:
             is_advancing: `(batch_size,)` bool, rows to advance; the others sit this forward out.
             first_target: `(batch_size,)` the first sequence index to predict.
             n_targets: number of consecutive indices to predict from ``first_target``.
+            siblings: `(batch_size, S)` alternatives to each row's last token (decoder-only models): fed in the
+                same forward at the same position, each seeing the tokens before that one and not each other
+                (a tree, through a 4D attention mask). Row ``b`` uses its first ``n_siblings[b]``. Their
+                next-token logits land in ``self.sibling_logits`` `(batch_size, S, V_model)`, and their cache
+                slots hold the last token's index until `TrackedCache.keep_sibling` settles which one stays.
         Returns:
             `(batch_size, n_targets, vocab_size)` float32 logits; column ``i`` predicts index
             ``first_target + i``. Columns past a row's last fed token hold garbage.
@@ -200,12 +219,23 @@ class Decoder:
         target_offsets = (first_target - 1 - start)[:, None] + torch.arange(n_targets, device=start.device)
         n_keep = chunk_len - int(target_offsets[is_advancing, 0].min())  # logits needed from the chunk's end
 
+        positions = index - state.n_pads[:, None]  # [B, L]
+        n_tree = 0 if siblings is None else siblings.shape[1]
+        if n_tree:
+            input_ids, slot_index, positions, mask = self._with_siblings(
+                state, is_advancing, n_feed, input_ids, slot_index, positions, siblings, n_siblings
+            )  # fmt: skip
+        else:
+            mask = cache.attention_mask(slot_index)
         kwargs = {cache.kwarg: cache.kv, "use_cache": True, **self.encoder_kwargs}
-        kwargs.update(self._input_kwargs(input_ids, cache.attention_mask(slot_index), index - state.n_pads[:, None]))
+        kwargs.update(self._input_kwargs(input_ids, mask, positions))
         if self.takes_logits_to_keep:
-            kwargs["logits_to_keep"] = n_keep
-        logits = self.model(**kwargs).logits  # [B, L or n_keep, V_model]
+            kwargs["logits_to_keep"] = n_keep + n_tree
+        logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
         cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
+        if n_tree:
+            self.sibling_logits = logits[:, -n_tree:].float()
+            logits = logits[:, :-n_tree]
 
         columns = (target_offsets - (chunk_len - logits.shape[1])).clamp(0, logits.shape[1] - 1)  # [B, n_targets]
         batch = torch.arange(logits.shape[0], device=logits.device)[:, None]
@@ -213,6 +243,32 @@ class Decoder:
             return logits[batch, columns, : self.vocab_size].float()
         self.last_logits = logits[batch, columns].float()
         return self.last_logits[..., : self.vocab_size]
+
+    def _with_siblings(self, state, is_advancing, n_feed, input_ids, slot_index, positions, siblings, n_siblings):
+        """The chunk with sibling columns after it, and a 4D mask in which each sibling sees what the row's last
+        token sees (everything before it) and itself."""
+        batch_size, chunk_len = input_ids.shape
+        n_tree = siblings.shape[1]
+        is_sibling = is_advancing[:, None] & (torch.arange(n_tree, device=siblings.device) < n_siblings[:, None])
+        last = state.lengths - 1  # [B] sequence index of the token the siblings stand in for
+        input_ids = torch.cat([input_ids, siblings.masked_fill(~is_sibling, 0)], dim=1)  # [B, L + S]
+        slot_index = torch.cat([slot_index, torch.where(is_sibling, last[:, None], -1)], dim=1)
+        positions = torch.cat([positions, (last - state.n_pads)[:, None].expand(-1, n_tree)], dim=1)
+
+        n_cached, n_query = self.cache.length, chunk_len + n_tree
+        keys = torch.arange(n_query, device=siblings.device)
+        allowed = keys[None, :] <= keys[:, None]  # [Q, Q] causal within the chunk
+        allowed[chunk_len:, chunk_len:] = torch.eye(n_tree, dtype=torch.bool, device=siblings.device)
+        allowed = allowed[None].repeat(batch_size, 1, 1)  # [B, Q, Q]
+        last_column = (n_feed - 1).clamp(min=0)  # [B] the replaced token's chunk column
+        rows = torch.arange(batch_size, device=siblings.device)
+        allowed[rows, chunk_len:, last_column] = allowed[rows, chunk_len:, last_column] & (n_feed == 0)[:, None]
+        is_visible = torch.cat([self.cache.slot_index, slot_index], dim=1) >= 0  # [B, S_cache + Q]
+        allowed = torch.cat(
+            [is_visible[:, None, :n_cached].expand(-1, n_query, -1), allowed & is_visible[:, None, n_cached:]], dim=2
+        )  # [B, Q, S_cache + Q]
+        allowed[:, keys, n_cached + keys] = True  # every query sees itself: no row of the mask is empty
+        return input_ids, slot_index, positions, tree_attention_mask(self.model, allowed)
 
     def _input_kwargs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> dict:
         if self.is_encoder_decoder:
@@ -254,12 +310,16 @@ def draft(
     """Step 1: the small model drafts until it is unsure, drafts ``cap`` tokens, or reaches EOS or the length limit.
 
     Drafts are written into ``state.token_ids`` (tentatively) and ``state.lengths`` grows with them. With
-    ``settings.verify_fallback_token``, the token the small model was unsure of is written after them too,
-    for the large model to check (it is not a draft: `Drafts.has_candidate`).
+    ``settings.n_candidates`` >= 1, the token the small model was unsure of is written after them too, for
+    the large model to check (it is not a draft: `Drafts.has_candidate`); with K > 1 candidates, its K - 1
+    next-best tokens are kept in `Drafts.siblings`, to be checked at the same position.
     """
     start = state.lengths.clone()
-    is_drafting = ~state.finished & (state.lengths < rules.max_length) & (cap > 0)
+    # free drafts first, no model call: what followed the row's last n-gram earlier in its text (prompt lookup)
+    n_context, ends_in_eos = propose_context_drafts(state, rules, settings)
+    is_drafting = ~state.finished & ~ends_in_eos & (state.lengths < rules.max_length) & (cap > 0)
     drafts = Drafts.empty(start)
+    drafts.n_context = n_context
     draft_probs = []
     for _ in range(cap):
         if not bool(is_drafting.any()):
@@ -270,8 +330,10 @@ def draft(
         probs = scores.softmax(dim=-1)
         is_unsure = is_drafting & should_fall_back(probs, settings.fallback_threshold)
         drafts.fell_back |= is_unsure
-        is_written = is_drafting & (~is_unsure | settings.verify_fallback_token)
+        is_written = is_drafting & (~is_unsure | (settings.n_candidates > 0))
         token_ids = probs.argmax(dim=-1)  # [B]
+        if settings.n_candidates > 1 and bool(is_unsure.any()):
+            add_siblings(drafts, probs, is_unsure, settings.n_candidates)
         if sampling.do_sample:
             draft_probs.append(probs)
             token_ids[is_written] = sample(probs[is_written], sampling.generator)
@@ -284,8 +346,21 @@ def draft(
         # row b's draft i was drawn at step i: drafting only ever stops, so step i never skips a drafting row
         draft_probs = draft_probs[: int(drafts.n_drafted.max())]
         drafts.probs = torch.stack(draft_probs, dim=1) if draft_probs else probs_placeholder(start, rules)
+        if bool(n_context.any()):  # a row's small steps come after its context drafts, each a point mass
+            drafts.probs = context_draft_probs(drafts.probs, state, start, n_context, drafts.n_drafted)
     state.stats.small_forwards += drafts.n_steps
     return drafts
+
+
+def add_siblings(drafts: Drafts, probs: torch.Tensor, is_unsure: torch.Tensor, n_candidates: int) -> None:
+    """Keep the 2nd..Kth most likely tokens of the ``is_unsure`` rows (greedy: the 1st is the candidate)."""
+    if drafts.siblings is None:
+        drafts.siblings = torch.zeros(len(probs), n_candidates - 1, dtype=torch.long, device=probs.device)
+        drafts.n_siblings = torch.zeros(len(probs), dtype=torch.long, device=probs.device)
+    top = probs.topk(n_candidates, dim=-1)  # [B, K]
+    n_possible = (top.values[:, 1:] > 0).sum(dim=-1)  # a token the processors ruled out is never checked
+    drafts.siblings[is_unsure] = top.indices[is_unsure, 1:]
+    drafts.n_siblings[is_unsure] = n_possible[is_unsure]
 
 
 def probs_placeholder(start: torch.Tensor, rules: TokenRules) -> torch.Tensor:
@@ -305,13 +380,31 @@ def verify(
     n_columns = drafts.n_columns
     n_real = drafts.n_drafted + drafts.has_candidate  # [B] tokens to check per row
     is_verifying = ~state.finished
-    logits = large.forward(state, is_verifying, first_target=start, n_targets=n_columns)  # [B, K+1, V]
+    tree = dict(siblings=drafts.siblings, n_siblings=drafts.n_siblings) if drafts.has_siblings else {}
+    logits = large.forward(state, is_verifying, first_target=start, n_targets=n_columns, **tree)  # [B, K+1, V]
     state.stats.large_forwards += is_verifying
     columns = torch.arange(n_columns, device=start.device)
     target_index = start[:, None] + columns  # [B, K+1]
     is_real = is_verifying[:, None] & (columns <= n_real[:, None])
     raw_logits = large.last_logits if getattr(large, "keep_logits", False) else logits
+    if tree:
+        process_siblings(large, state, rules, drafts, is_verifying)
     return apply_processors(rules, state, logits, target_index, is_real), raw_logits
+
+
+def process_siblings(large: Decoder, state: BatchState, rules: TokenRules, drafts: Drafts, is_verifying) -> None:
+    """The large model's processed scores after each sibling, each seen with that sibling in its prefix."""
+    raw = large.sibling_logits  # [B, S, V_large]
+    last = state.lengths - 1  # [B] where the unsure token, and each sibling in its place, stands
+    unsure_ids = state.tokens_at(last[:, None])[:, 0]
+    scores = raw[..., : rules.vocab_size].clone()
+    for j in range(drafts.siblings.shape[1]):
+        is_real = is_verifying & (drafts.n_siblings > j)
+        state.write(is_real, last, drafts.siblings[:, j])
+        scores[:, j] = apply_processors(rules, state, scores[:, j : j + 1], state.lengths[:, None], is_real[:, None])[:, 0]
+        state.write(is_real, last, unsure_ids)
+    drafts.sibling_scores = scores
+    drafts.sibling_logits = raw if large.keep_logits else scores
 
 
 def find_rollback_point(
@@ -352,7 +445,41 @@ def find_rollback_point(
             after_ids = target_ids.gather(1, after).squeeze(1)
         n_accepted = n_accepted + is_kept.long()
         next_ids = torch.where(is_kept, after_ids, next_ids)
+    if drafts.has_siblings:  # greedy only (checked before decoding)
+        n_accepted, next_ids = choose_sibling(drafts, n_accepted, is_rollback, is_kept, next_ids)
     return n_accepted, is_rollback, next_ids
+
+
+def choose_sibling(drafts: Drafts, n_accepted, is_rollback, is_kept, next_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every draft stood and the unsure token did not, keep the sibling that is the large model's own
+    choice there (if any); the large model's token after that sibling then comes free."""
+    n_tree = drafts.siblings.shape[1]
+    is_real = torch.arange(n_tree, device=next_ids.device) < drafts.n_siblings[:, None]  # [B, S]
+    is_match = is_real & (drafts.siblings == next_ids[:, None])  # at most one: siblings are distinct
+    is_open = drafts.has_candidate & ~is_rollback & ~is_kept & (n_accepted == drafts.n_drafted)
+    is_chosen = is_open & is_match.any(dim=1)  # [B]
+    kept = torch.where(is_chosen, is_match.int().argmax(dim=1), -1)  # [B]
+    drafts.kept_sibling = kept
+    after_ids = drafts.sibling_scores.argmax(dim=-1).gather(1, kept.clamp(min=0)[:, None]).squeeze(1)
+    return n_accepted + is_chosen.long(), torch.where(is_chosen, after_ids, next_ids)
+
+
+def use_chosen_siblings(
+    state: BatchState, caches: BildCache, start: torch.Tensor, drafts: Drafts, scores: torch.Tensor, logits: torch.Tensor
+) -> None:  # fmt: skip
+    """Put each chosen sibling where the unsure token stood: in the tokens, the large model's cache, and the
+    verification's columns (column ``n_drafted + 1`` now follows the sibling)."""
+    kept = drafts.kept_sibling
+    is_chosen = kept >= 0
+    position = start + drafts.n_drafted  # [B]
+    caches.large.keep_sibling(drafts.siblings.shape[1], kept, position)
+    if not bool(is_chosen.any()):
+        return
+    rows = is_chosen.nonzero().squeeze(1)
+    state.write(is_chosen, position, drafts.siblings.gather(1, kept.clamp(min=0)[:, None]).squeeze(1))
+    after = drafts.n_drafted[rows] + 1
+    scores[rows, after] = drafts.sibling_scores[rows, kept[rows]]
+    logits[rows, after] = drafts.sibling_logits[rows, kept[rows]]
 
 
 def accept(
@@ -420,14 +547,19 @@ def final_tokens(state: BatchState, rules: TokenRules, length: int) -> torch.Ten
 def count_round(state: BatchState, is_active, drafts: Drafts, n_accepted, is_rollback) -> None:
     """Step 6: count this round in the per-row stats (forwards are counted where they happen).
 
-    A checked unsure token counts as a draft (the large model saw it), and as accepted when kept.
+    A checked unsure token (or sibling) counts as a draft (the large model saw it), and as accepted when kept.
     """
     stats = state.stats
-    stats.drafted += (drafts.n_drafted + drafts.has_candidate) * is_active
+    n_siblings = 0 if drafts.n_siblings is None else drafts.n_siblings
+    stats.drafted += (drafts.n_drafted + drafts.has_candidate + n_siblings) * is_active
+    stats.siblings += n_siblings * is_active
     stats.accepted += n_accepted * is_active
     stats.fallbacks += drafts.fell_back & is_active
     stats.rollbacks += is_rollback & is_active
     stats.undrafted += (drafts.n_steps == 0) & is_active
+    n_context = drafts.n_context if drafts.n_context is not None else torch.zeros_like(n_accepted)
+    stats.context_drafted += n_context * is_active
+    stats.context_accepted += torch.minimum(n_accepted, n_context) * is_active  # context drafts come first
 
 
 def bild_loop(
@@ -449,6 +581,8 @@ def bild_loop(
         target_scores, target_logits = verify(large, state, rules, start, drafts)  # [B, K+1, V]
         # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
         n_accepted, is_rollback, next_ids = find_rollback_point(state, start, drafts, target_scores, sampling, settings)
+        if drafts.has_siblings:  # a sibling of the unsure token the large model chose takes its place
+            use_chosen_siblings(state, caches, start, drafts, target_scores, target_logits)
         # 4. Keep the accepted tokens; both caches forget the rest
         accept(state, caches, rules, start, n_accepted, next_ids)
         if outputs is not None:
@@ -458,7 +592,9 @@ def bild_loop(
         # 6. Count the round; the schedule learns how far this row's drafts go
         n_accepted = torch.minimum(n_accepted, torch.where(is_active, state.lengths - start, 0).clamp(min=0))
         count_round(state, is_active, drafts, n_accepted, is_rollback)
-        schedule.update(is_active, drafts.n_steps, drafts.n_drafted, n_accepted)
+        # the schedule learns from the small model's own drafts: context drafts come on top of its cap
+        n_small = drafts.n_drafted - drafts.n_context
+        schedule.update(is_active, drafts.n_steps, n_small, (n_accepted - drafts.n_context).clamp(min=0))
         if streamer is not None and int(state.lengths[0] - start[0]) > 0:
             streamer.put(state.token_ids[:1, int(start[0]) : int(state.lengths[0])].cpu())
 
@@ -571,6 +707,7 @@ def decode(
     ``output_scores`` / ``output_logits``: also return the large model's scores / logits at every step.
     """
     sampling = sampling or Sampling()
+    check_candidates(settings, sampling, large_model, small_model, rules.vocab_size)
     outputs = dict(output_scores=output_scores, output_logits=output_logits)
     if inputs.input_ids.shape[0] == 1 or (can_batch_rows(large_model) and can_batch_rows(small_model)):
         return decode_batch(large_model, small_model, inputs, rules, settings, sampling, streamer, **outputs)
@@ -617,8 +754,28 @@ def decode_batch(
     state.stats.generated = state.lengths - prompt_length
     # a stateful stopping criterion may end a row behind tokens already accepted (see stop_rows)
     state.stats.accepted = torch.minimum(state.stats.accepted, state.stats.generated)
+    state.stats.context_accepted = torch.minimum(state.stats.context_accepted, state.stats.accepted)
     scores, logits = outputs.finish(state.lengths) if outputs is not None else (None, None)
     return DecodeResult(sequences, state.stats.tolist(), caches, scores=scores, logits=logits)
+
+
+def check_candidates(settings: BildSettings, sampling: Sampling, large_model, small_model, vocab_size: int) -> None:
+    """``fallback_candidates`` > 1 needs greedy decoding and a decoder-only large model that takes positions."""
+    k = settings.fallback_candidates
+    if k <= 1:
+        return
+    if k > vocab_size:
+        raise ValueError(f"fallback_candidates={k} exceeds the vocabulary ({vocab_size} tokens): use at most {vocab_size}.")
+    fix = "use fallback_candidates=1 (the unsure token alone), or 0"
+    if sampling.do_sample:
+        raise ValueError(f"fallback_candidates > 1 has no exact sampling rule yet: with do_sample=True, {fix}.")
+    if large_model.config.is_encoder_decoder or not takes_forward_arg(large_model, "position_ids"):
+        raise ValueError(
+            f"fallback_candidates > 1 checks siblings at one position through explicit position ids, which "
+            f"{type(large_model).__name__} does not take (encoder-decoder models place tokens by cache slot): {fix}."
+        )
+    if hasattr(small_model, "bild_decoders"):
+        raise ValueError(f"fallback_candidates > 1 does not work with a drafter inside the large model (early exit): {fix}.")
 
 
 def build_decoders(large_model, small_model, inputs: DecoderInputs, vocab_size: int, batch_size: int):

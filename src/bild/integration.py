@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from .cache import BildCache
 from .compat import prepared_special_tokens
-from .config import BILD_FIELDS, BILD_MODE, BildSettings, in_attached_generate
+from .config import BILD_FIELDS, BILD_MODE, CONTEXT_FIELDS, BildSettings, in_attached_generate
 from .decoding import DecoderInputs, Sampling, TokenRules, decode
 from .stats import BildStats, report
 
@@ -97,8 +97,11 @@ class BildGenerationMixin:
         The caller's dict is not changed.
         """
         kwargs = dict(kwargs)
-        bild_kwargs = {name: kwargs.pop(name) for name in BILD_FIELDS if name in kwargs}
+        bild_kwargs = {name: kwargs.pop(name) for name in (*BILD_FIELDS, *CONTEXT_FIELDS) if name in kwargs}
         settings = BildSettings.from_config(generation_config, self.generation_config, **bild_kwargs)
+        for name in CONTEXT_FIELDS:  # read into settings (context drafts); stock generate() would switch to
+            if getattr(settings, name) is not None:  # assisted decoding, so it sees None (configs unchanged)
+                kwargs[name] = None
         assistant = kwargs.pop("assistant_model", None)
         assistant = assistant if assistant is not None else self._bild_assistant_model
         if assistant is None:
@@ -269,7 +272,7 @@ def _bild_decoding(
 
 def _unsupported_options(config: GenerationConfig) -> list[tuple[str, bool, str]]:
     """(option, whether it is set, what to do instead) for each generate() option BiLD cannot honour."""
-    other_modes = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp", "dola_layers")
+    other_modes = ("assistant_early_exit", "use_mtp", "dola_layers")  # prompt lookup: context drafts in BiLD
     set_modes = [name for name in other_modes if getattr(config, name, None)]
     decode_greedily = "BiLD decodes greedily or by sampling (do_sample=True): drop that option,"
     return [

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .home import bild_home
+from .home import bild_home, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,7 @@ def _store_fit(path: Path, model: nn.Module, paths: tuple[str, ...]) -> None:
     fit = model.bild_kernels
     record = {"path": fit.path, "paths": list(paths), "ms": fit.ms, "machine": machine_key(model)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(path, record)
     except OSError as err:  # a read-only home still decodes, it just times again next time
         warnings.warn(f"bild: could not store the kernel choice in {path} ({err}).", stacklevel=3)
 

@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .compat import cache_kwarg, crop_cache, new_cache
-from .home import bild_home
+from .home import bild_home, write_json
 from .kernels import PackedLinear, machine_key, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -130,8 +130,7 @@ class DraftCosts:
         start = time.perf_counter()
         costs = cls.measure(large, small, context=COST_CONTEXT, repeats=COST_REPEATS, tokens=COST_TOKENS)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"key": key, **asdict(costs)}, indent=2) + "\n", encoding="utf-8")
+            write_json(path, {"key": key, **asdict(costs)})
         except OSError as err:
             warnings.warn(f"bild: could not store draft costs in {path} ({err}).", stacklevel=2)
         logger.warning(

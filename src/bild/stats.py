@@ -16,6 +16,8 @@ class BildStats:
 
     Every generated token is an accepted draft or a large-model token, and each large forward yields
     at most one token: ``accepted[i] <= generated[i] <= accepted[i] + large_forwards[i]``.
+    Context drafts (``prompt_lookup_num_tokens``) are drafts too: ``context_drafted <= drafted`` and
+    ``context_accepted <= accepted``; they cost no small forward.
     While a batch decodes, the fields are `(batch_size,)` long tensors (`zeros`, then `tolist`); users
     get lists of ints.
     """
@@ -28,6 +30,9 @@ class BildStats:
     fallbacks: Sequence[int] = field(default_factory=list)  # rounds ended by low small-model confidence
     rollbacks: Sequence[int] = field(default_factory=list)  # rounds in which a draft was rolled back
     undrafted: Sequence[int] = field(default_factory=list)  # rounds without a small forward (max_draft_tokens="auto")
+    context_drafted: Sequence[int] = field(default_factory=list)  # drafts copied from the text (prompt lookup)
+    context_accepted: Sequence[int] = field(default_factory=list)  # of those, kept after verification
+    siblings: Sequence[int] = field(default_factory=list)  # next-best tokens checked beside an unsure one (in drafted)
 
     @classmethod
     def zeros(cls, batch_size: int, device: torch.device | None = None) -> BildStats:
@@ -76,6 +81,7 @@ class BildStats:
             "acceptance_rate": _ratio(totals["accepted"], totals["drafted"]),
             "fallback_rate": _ratio(totals["fallbacks"], n_rounds),
             "rollback_rate": _ratio(totals["rollbacks"], n_rounds),
+            "context_acceptance_rate": _ratio(totals["context_accepted"], totals["context_drafted"]),
         }
 
 

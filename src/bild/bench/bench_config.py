@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from bild.bench.machine import DEVICES, DTYPES, KERNELS
-from bild.config import BILD_FIELDS, BildSettings, is_real
+from bild.config import BILD_FIELDS, CONTEXT_FIELDS, BildSettings, is_real
 from bild.drafters import QUANTIZATIONS
 
 METHOD_NAMES = ("large", "small", "assisted", "bild")
@@ -20,7 +20,7 @@ METHOD_KEYS = {
     "large": (),
     "small": (),
     "assisted": ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold"),
-    "bild": BILD_FIELDS,
+    "bild": (*BILD_FIELDS, *CONTEXT_FIELDS),  # prompt_lookup_num_tokens, max_matching_ngram_size: context drafts
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
 DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size")  # see bench/loading.py
@@ -200,9 +200,10 @@ def _check_bild(params: dict, source: str) -> dict:
     """All BiLD settings, the missing ones at the core defaults, validated by the core's own rules."""
     values = {name: parse_float(value) if name == "rollback_threshold" else value for name, value in params.items()}
     try:
-        return dataclasses.asdict(BildSettings(**values))
+        settings = dataclasses.asdict(BildSettings(**values))
     except ValueError as err:
         raise ValueError(f"{source}: bild method: {err}") from err
+    return {name: v for name, v in settings.items() if name not in CONTEXT_FIELDS or v is not None}  # unset: left out
 
 
 def _check_assisted(params: dict, source: str) -> dict:
@@ -228,10 +229,16 @@ def _check_assisted(params: dict, source: str) -> dict:
 
 
 def default_label(name: str, params: dict) -> str:
-    """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; ``+v``: the unsure token is checked),
+    """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; ``+v``: the unsure token is checked, ``+c3``: it and
+    its 2 next-best siblings; ``+pl3``: up to 3 context drafts a round),
     ``assisted(n=5, constant, c=0.4)``, or the name."""
     if name == "bild" and params:
         checked = "+v" if params.get("verify_fallback_token") else ""
+        if (params.get("fallback_candidates") or 0) > 1:  # +c<K>: the unsure token and K - 1 siblings checked
+            checked = f"+c{params['fallback_candidates']}"
+        if params.get("prompt_lookup_num_tokens"):  # context drafts: +pl<k>, and /<n> for a non-default n-gram
+            ngram = params.get("max_matching_ngram_size")
+            checked += f"+pl{params['prompt_lookup_num_tokens']}" + (f"/{ngram}" if ngram else "")
         return f"bild({params['fallback_threshold']:g}, {params['rollback_threshold']:g}, {params['max_draft_tokens']}{checked})"
     if name == "assisted" and params:
         parts = []

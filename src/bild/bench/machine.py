@@ -62,7 +62,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 @cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX)."""
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX) and torch uses those kernels.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` (with ``ONEDNN_MAX_CPU_ISA=AVX2``) makes an AVX-512 machine run the kernels
+    of an AVX2-only one: then this is False, as it would be there.
+    """
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")):
+        return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

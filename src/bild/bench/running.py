@@ -51,10 +51,23 @@ def run_methods(config: BenchConfig, pair: ModelPair, batches: list[Batch], *, p
         for spec in tqdm(config.methods, desc="warm-up", disable=not progress, leave=False):
             generate(spec, pair, batches[0].first_row(), min(WARMUP_TOKENS, config.max_new_tokens), stopping)
         shared = distributed.shard(list(enumerate(batches)))
-        for step, batch in tqdm(shared, desc="examples", unit="batch", disable=not progress):
+        bar = tqdm(total=len(shared) * len(config.methods), desc="generating", unit="call", disable=not progress)
+        for step, batch in shared:
             for spec in rotated(config.methods, step):
-                timed_call(spec, pair, batch, config.max_new_tokens, stopping, records[spec.label], device)
+                bar.set_postfix_str(f"{spec.label} on example {batch.indices[0] + 1}/{n_examples(batches)}")
+                record = records[spec.label]
+                timed_call(spec, pair, batch, config.max_new_tokens, stopping, record, device)
+                if progress:  # one line per call: what ran, on which examples, how many tokens, how long
+                    n_tokens = sum(len(record.token_ids[i]) for i in batch.indices)
+                    examples = ",".join(str(i + 1) for i in batch.indices)
+                    bar.write(f"  {spec.label:<44} example {examples}: {n_tokens} tokens, {record.calls[-1]['wall_s']:.1f} s")
+                bar.update()
+        bar.close()
     return records
+
+
+def n_examples(batches: list[Batch]) -> int:
+    return sum(len(batch.indices) for batch in batches)
 
 
 def timed_call(

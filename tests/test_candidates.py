@@ -1,0 +1,136 @@
+"""``fallback_candidates=K``: the small model's top-K tokens at an unsure position, checked as siblings by the
+large model in its one verification forward (a tree: 4D attention mask, explicit positions)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import PAD, VOCAB, left_pad, prompts
+
+import bild
+
+
+def generate(large, ids, mask=None, **kwargs):
+    settings = dict(fallback_threshold=0.9, rollback_threshold=0.0, max_new_tokens=20, max_draft_tokens=4)
+    settings.update(kwargs)
+    return large.generate(ids, attention_mask=mask, generation_mode="bild", do_sample=False, pad_token_id=PAD,
+                          return_dict_in_generate=True, **settings)  # fmt: skip
+
+
+def stock_greedy(large, ids, mask=None, max_new_tokens=20, **kwargs):
+    return large.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, max_new_tokens=max_new_tokens,
+                          **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [2, 3, 6])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_lossless_for_every_k_and_batch_rows_equal_rows_alone(pair, k, batch):
+    large, _ = pair
+    ids, mask = left_pad(prompts(batch, seed=3))
+    out = generate(large, ids, mask, fallback_candidates=k)
+    assert torch.equal(out.sequences, stock_greedy(large, ids, mask))
+    assert sum(out.bild_stats.siblings) > 0  # siblings were really checked
+    if batch > 1:
+        for b in range(batch):
+            alone = generate(large, ids[b : b + 1, mask[b].bool()], fallback_candidates=k)
+            assert torch.equal(alone.sequences[0], out.sequences[b, -alone.sequences.shape[1] :])
+            assert alone.bild_stats.to_dict() == out.bild_stats.row(b).to_dict()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_the_tree_mask_in_each_attention_implementation(causal_pair, attention):
+    large, small = (copy.deepcopy(m) for m in causal_pair)
+    large.set_attn_implementation(attention)
+    bild.attach(large, small)
+    ids, mask = left_pad(prompts(4, seed=5))
+    out = generate(large, ids, mask, fallback_candidates=4)
+    assert torch.equal(out.sequences, stock_greedy(large, ids, mask))
+
+
+def noisy_copy(model, scale: float = 3.0, seed: int = 0):
+    """A drafter whose first choice is often wrong while the right token stays near the top: the large model
+    with seeded noise on its output layer."""
+    drafter = copy.deepcopy(model)
+    weight = drafter.lm_head.weight
+    with torch.no_grad():
+        weight += scale * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))
+    return drafter
+
+
+def test_a_fallback_round_makes_one_large_forward_and_siblings_save_rounds(causal_pair):
+    """A small model that is always unsure: every round is one large forward over the candidates; the more of
+    its top tokens the large model checks, the more rounds yield two tokens."""
+    large = copy.deepcopy(causal_pair[0])
+    bild.attach(large, noisy_copy(large))
+    ids = prompts(1, seed=2)[0][None]
+    calls = []
+    hook = large.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        runs = {k: generate(large, ids, fallback_threshold=1.0, fallback_candidates=k, max_new_tokens=24) for k in (1, 4)}
+    finally:
+        hook.remove()
+    one, four = runs[1].bild_stats, runs[4].bild_stats
+    assert torch.equal(runs[1].sequences, runs[4].sequences)
+    assert torch.equal(runs[4].sequences, stock_greedy(large, ids, max_new_tokens=24))
+    assert len(calls) == one.large_forwards[0] + four.large_forwards[0]  # one large forward per round
+    assert four.fallbacks == four.large_forwards  # every round fell back, and made exactly one large forward
+    assert four.siblings[0] == 3 * four.fallbacks[0] and one.siblings == [0]
+    assert four.accepted[0] > one.accepted[0] and four.large_forwards[0] < one.large_forwards[0]
+
+
+def test_processors_see_the_chosen_sibling_in_the_prefix(causal_pair):
+    large = copy.deepcopy(causal_pair[0])
+    bild.attach(large, noisy_copy(large))
+    ids, mask = left_pad(prompts(4, seed=0))
+    penalties = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, max_new_tokens=40)
+    out = generate(large, ids, mask, fallback_candidates=5, **penalties)
+    assert torch.equal(out.sequences, stock_greedy(large, ids, mask, **penalties))
+
+
+def test_scores_follow_the_chosen_sibling(causal_pair):
+    large = copy.deepcopy(causal_pair[0])
+    bild.attach(large, noisy_copy(large))
+    ids, mask = left_pad(prompts(3, seed=7))
+    out = generate(large, ids, mask, fallback_threshold=1.0, fallback_candidates=4, output_scores=True)
+    stock = large.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, max_new_tokens=20,
+                           output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out.sequences, stock.sequences) and sum(out.bild_stats.siblings) > 0
+    for ours, theirs, in zip(out.scores, stock.scores, strict=True):
+        finite = torch.isfinite(theirs)
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_lossy_candidates_still_decode(pair):
+    large, _ = pair
+    ids, mask = left_pad(prompts(4))
+    out = generate(large, ids, mask, rollback_threshold=2.0, fallback_candidates=3)
+    assert out.sequences.shape[0] == 4 and all(n > 0 for n in out.bild_stats.generated)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fallback_candidates": -1}, "`fallback_candidates` must be an integer >= 0"),
+        ({"fallback_candidates": 1.5}, "`fallback_candidates` must be an integer >= 0"),
+        ({"fallback_candidates": VOCAB + 1}, "exceeds the vocabulary"),
+        ({"fallback_candidates": 3, "do_sample": True}, "no exact sampling rule yet"),
+    ],
+)
+def test_bad_values_say_what_to_change(pair, kwargs, message):
+    large, _ = pair
+    ids = prompts(1)[0][None]
+    settings = {"do_sample": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        large.generate(ids, generation_mode="bild", pad_token_id=PAD, max_new_tokens=4, **settings)
+
+
+def test_encoder_decoder_pairs_are_told_to_use_one_candidate(s2s):
+    large, _ = s2s
+    src = torch.stack([p[:5] for p in prompts(2, lengths=(5,))])
+    with pytest.raises(ValueError, match="fallback_candidates=1"):
+        large.generate(src, generation_mode="bild", fallback_candidates=3, max_new_tokens=4, do_sample=False)
+    out = large.generate(src, generation_mode="bild", fallback_candidates=1, rollback_threshold=0.0,
+                         fallback_threshold=0.9, max_new_tokens=12, do_sample=False)  # fmt: skip
+    assert torch.equal(out, large.generate(src, max_new_tokens=12, do_sample=False))
