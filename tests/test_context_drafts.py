@@ -147,8 +147,12 @@ def test_context_drafts_cost_no_small_forward_and_save_large_forwards(pair):
     stats = out.bild_stats
     assert stats.generated == [20] and stats.context_accepted[0] >= 10
     assert stats.drafted == stats.context_drafted and stats.accepted == stats.context_accepted
-    assert small_calls.calls == stats.small_forwards[0] == stats.large_forwards[0] == large_calls.calls
-    assert large_calls.calls == 20 - stats.accepted[0]  # one large forward per token it did not get for free
+    # one small forward a round at most (it reads the context drafts and makes its one, unsure, step), none in a
+    # round whose context drafts reach the length limit
+    assert small_calls.calls == stats.small_forwards[0] <= stats.large_forwards[0] == large_calls.calls
+    # one large forward per token it did not get for free (+1: a last round whose drafts reach the length limit
+    # leaves its large token no room)
+    assert 20 - stats.accepted[0] <= large_calls.calls <= 21 - stats.accepted[0]
     assert plain.bild_stats.large_forwards == [20] == [large_alone.calls]
     assert large_calls.calls <= large_alone.calls / 2
 

@@ -321,13 +321,19 @@ def draft(
     drafts = Drafts.empty(start)
     drafts.n_context = n_context
     draft_probs = []
+    checked = None  # greedy: the small model's first step, from the forward that checked the context drafts
+    if bool((n_context > 0).any()) and not sampling.do_sample and bool(is_drafting.any()) and isinstance(small, Decoder):
+        checked = check_context_drafts(small, state, rules, start, drafts, is_drafting)
     for _ in range(cap):
         if not bool(is_drafting.any()):
             break
-        logits = small.forward(state, is_drafting, first_target=state.lengths, n_targets=1)  # [B, 1, V]
-        drafts.n_steps += is_drafting
-        scores = apply_processors(rules, state, logits, state.lengths[:, None], is_drafting[:, None])[:, 0]  # [B, V]
-        probs = scores.softmax(dim=-1)
+        if checked is not None:
+            scores, checked = checked, None
+        else:
+            logits = small.forward(state, is_drafting, first_target=state.lengths, n_targets=1)  # [B, 1, V]
+            drafts.n_steps += is_drafting
+            scores = apply_processors(rules, state, logits, state.lengths[:, None], is_drafting[:, None])[:, 0]
+        probs = scores.softmax(dim=-1)  # [B, V]
         is_unsure = is_drafting & should_fall_back(probs, settings.fallback_threshold)
         drafts.fell_back |= is_unsure
         is_written = is_drafting & (~is_unsure | (settings.n_candidates > 0))
@@ -350,6 +356,33 @@ def draft(
             drafts.probs = context_draft_probs(drafts.probs, state, start, n_context, drafts.n_drafted)
     state.stats.small_forwards += drafts.n_steps
     return drafts
+
+
+def check_context_drafts(
+    small: Decoder, state: BatchState, rules: TokenRules, start: torch.Tensor, drafts: Drafts, is_drafting: torch.Tensor
+) -> torch.Tensor:  # fmt: skip
+    """Greedy: one small forward reads a row's context drafts and keeps them up to the first one it would not have
+    drafted itself; the rest are dropped from the tokens and the small cache. Returns the small model's processed
+    scores `(batch_size, V)` for the token after the kept ones: its next step, which this forward already made.
+
+    A context draft the small model disagrees with is mostly one the large model rejects too, and everything
+    drafted after it would be lost with it; the check costs nothing but a longer chunk in a forward the small
+    model makes anyway.
+    """
+    n_context = torch.where(is_drafting, drafts.n_context, 0)
+    n_columns = int(n_context.max()) + 1
+    columns = torch.arange(n_columns, device=start.device)
+    target_index = start[:, None] + columns  # [B, C]
+    logits = small.forward(state, is_drafting, first_target=start, n_targets=n_columns)  # [B, C, V]
+    drafts.n_steps += is_drafting
+    is_real = is_drafting[:, None] & (columns <= n_context[:, None])
+    scores = apply_processors(rules, state, logits, target_index, is_real)  # [B, C, V]
+    is_other = (scores.argmax(dim=-1) != state.tokens_at(target_index)) & (columns < n_context[:, None])
+    n_kept = torch.where(is_other.any(dim=1), is_other.int().argmax(dim=1), n_context)  # [B]
+    drafts.n_context = torch.where(is_drafting, n_kept, drafts.n_context)
+    state.lengths = torch.where(is_drafting, start + n_kept, state.lengths)
+    small.cache.discard_from(state.lengths)
+    return scores[torch.arange(len(start), device=start.device), n_kept]
 
 
 def add_siblings(drafts: Drafts, probs: torch.Tensor, is_unsure: torch.Tensor, n_candidates: int) -> None:
