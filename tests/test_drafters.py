@@ -12,21 +12,23 @@ from torch import nn
 
 import bild
 from bild.drafters import (
+    DensePrefill,
     Int4Linear,
     Int8Linear,
     PrunedHead,
     draft_vocabulary,
 )
 from bild.integration import vocab_size
-from bild.schedule import forward_ms
+from bild.schedule import forward_bytes, forward_ms
 
 INF = math.inf
 SETTINGS = [("int8", None), ("int4", 32), (None, 24)]  # (quantization, vocab_size); int4 needs rows % 16 == 0
 
 
-def compressed(model, quantization="int8", vocab_size=None, token_counts=None):
-    """A compressed deep copy: the session fixtures' models stay untouched."""
-    return bild.compress_drafter(copy.deepcopy(model), quantization, vocab_size, token_counts)
+def compressed(model, quantization="int8", vocab_size=None, token_counts=None, dense_prefill=False):
+    """A compressed deep copy: the session fixtures' models stay untouched. Without dense prefill by default, so
+    that every input goes through the quantized kernels these tests examine."""
+    return bild.compress_drafter(copy.deepcopy(model), quantization, vocab_size, token_counts, dense_prefill)
 
 
 def strip(row: torch.Tensor) -> list[int]:
@@ -296,3 +298,30 @@ def test_models_without_linear_layers_or_off_cpu_are_refused(causal_pair):
     off_cpu = copy.deepcopy(causal_pair[1]).to("meta")
     with pytest.raises(ValueError, match="runs on CPU only"):
         bild.compress_drafter(off_cpu, "int8")
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_dense_prefill_runs_long_inputs_on_the_original_weights(causal_pair, quantization):
+    """Layers keep their dense weights for inputs of at least the timed crossover rows: a prompt's prefill is then
+    exactly the uncompressed model's, a single-token step the quantized one; lossless BiLD is unchanged."""
+    large, small = causal_pair
+    drafter = compressed(small, quantization, dense_prefill=True)
+    layers = [m for m in drafter.modules() if isinstance(m, DensePrefill)]
+    assert drafter.bild_compression.n_dense_prefill == sum(m.dense is not None for m in layers) > 0
+    layer = next(m for m in layers if m.dense is not None)
+    long = torch.randn(layer.dense_from_rows, layer.in_features)
+    short = long[: layer.dense_from_rows - 1]
+    with torch.inference_mode():
+        assert torch.equal(layer(long), layer.dense(long))
+        assert torch.equal(layer(short), layer._quantized(short)) and not torch.equal(layer(short), layer.dense(short))
+    assert forward_bytes(drafter) < forward_bytes(small)  # the dense copies are not what a step reads
+    without = compressed(small, quantization, dense_prefill=False)
+    assert without.bild_compression.n_dense_prefill == 0
+    ids, mask = left_pad(prompts(4))
+    bild.attach(large, drafter)
+    try:
+        out = large.generate(ids, attention_mask=mask, generation_mode="bild", rollback_threshold=0.0,
+                             max_new_tokens=12, do_sample=False, pad_token_id=PAD)  # fmt: skip
+    finally:
+        bild.detach(large)
+    assert torch.equal(out, large.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD))

@@ -38,6 +38,8 @@ model rolls back or rejects that draft whenever it disagrees. Outputs of a lossl
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -50,6 +52,25 @@ INT4_ROW_MULTIPLE = 16  # the int4 CPU packing needs N % 16 == 0; other layers f
 # torch's float32 int8/int4 CPU kernels are 4-9x slower than a dense float32 matmul (bf16: 2x faster than
 # dense bf16), so float32 layers run their packed matmul in bfloat16 and cast the result back
 KERNEL_DTYPE = {torch.float32: torch.bfloat16}
+# Rows at which a quantized layer may hand long inputs (the drafter's prompt prefill) to its dense weights: the
+# packed kernels' cost grows fast with rows (int4, 64 tokens: 1.8-2.2 single large forwards against 1.0 dense)
+PREFILL_ROWS = (8, 16, 32, 64)
+
+
+class DensePrefill(nn.Module):
+    """Mixed into quantized layers: inputs of ``dense_from_rows`` rows or more go through ``dense`` (the layer's
+    original weights), fewer through the packed kernel (``_quantized``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_module("dense", None)  # the original nn.Linear, or None
+        self.dense_from_rows: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., K] -> [..., N]."""
+        if self.dense is not None and x.numel() // x.shape[-1] >= self.dense_from_rows:
+            return self.dense(x)
+        return self._quantized(x)
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,7 @@ class DrafterCompression:
         n_int8, n_int4: linear layers now held in int8 / int4 (int4 layers the kernel cannot take are int8).
         vocab_size: rows kept in the output layer (the full vocabulary when not pruned).
         full_vocab_size: rows of the original output layer.
+        n_dense_prefill: quantized layers that run long inputs (the prompt's prefill) on their dense weights.
     """
 
     quantization: str | None
@@ -68,6 +90,7 @@ class DrafterCompression:
     n_int4: int
     vocab_size: int
     full_vocab_size: int
+    n_dense_prefill: int = 0  # quantized layers that keep their dense weights for long inputs (prefill)
 
 
 def _require_op(name: str) -> torch._ops.OpOverloadPacket:
@@ -85,7 +108,7 @@ def _kernel_dtype(linear: nn.Linear) -> torch.dtype:
     return KERNEL_DTYPE.get(linear.weight.dtype, linear.weight.dtype)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(DensePrefill):
     """A linear layer with int8 weights, one scale per output row; returns the input's dtype."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
@@ -112,8 +135,7 @@ class Int8Linear(nn.Module):
         """`(out_features, in_features)` float32 weights this layer multiplies by."""
         return self.weight.float() * self.scales.float()[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., K] -> [..., N]."""
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()  # [M, K]
         out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)  # [M, N]
         if self.bias is not None:
@@ -121,7 +143,7 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(DensePrefill):
     """A linear layer with int4 weights, a scale and a zero per group of inputs; returns the input's dtype."""
 
     weight = None  # no float weight: transformers' T5 checks ``wo.weight`` before casting its input
@@ -161,8 +183,7 @@ class Int4Linear(nn.Module):
         _require_op("_weight_int4pack_mm_for_cpu")
         return cls(packed, scales_and_zeros, bias, group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., K] -> [..., N]."""
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype).contiguous()  # [M, K]
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         out = mm(x2, self.packed_weight, self.group_size, self.scales_and_zeros).to(x.dtype)  # [M, N]
@@ -258,12 +279,41 @@ def draft_vocabulary(model: nn.Module, vocab_size: int, token_counts=None) -> to
     return is_kept.nonzero().squeeze(1)  # [vocab_size]
 
 
-def _quantize(linear: nn.Linear, quantization: str | None) -> nn.Module:
+def _quantize(linear: nn.Linear, quantization: str | None, crossovers: dict | None = None) -> nn.Module:
+    """``linear`` quantized; with ``crossovers`` (a dict shared by the layers of one model), it keeps ``linear`` for
+    inputs of as many rows as the timing of its shape says the dense weights are faster from (if any)."""
     if quantization == "int4" and Int4Linear.fits(linear):
-        return Int4Linear.from_linear(linear)
-    if quantization in ("int4", "int8"):
-        return Int8Linear.from_linear(linear)
-    return linear
+        quantized = Int4Linear.from_linear(linear)
+    elif quantization in ("int4", "int8"):
+        quantized = Int8Linear.from_linear(linear)
+    else:
+        return linear
+    if crossovers is not None:
+        shape = (type(quantized), linear.in_features, linear.out_features, linear.weight.dtype)
+        if shape not in crossovers:
+            crossovers[shape] = _dense_crossover(quantized, linear)
+        if crossovers[shape] is not None:
+            quantized.dense, quantized.dense_from_rows = linear, crossovers[shape]
+    return quantized
+
+
+@torch.inference_mode()
+def _dense_crossover(quantized: DensePrefill, linear: nn.Linear, repeats: int = 5) -> int | None:
+    """The fewest rows (of `PREFILL_ROWS`) at which ``linear`` runs faster than ``quantized`` here, or None."""
+
+    def ms(layer, x):
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            layer(x)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    for rows in PREFILL_ROWS:
+        x = torch.randn(rows, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+        if ms(linear, x) < ms(quantized._quantized, x):
+            return rows
+    return None
 
 
 def _keep_rows(linear: nn.Linear, kept_ids: torch.Tensor) -> nn.Linear:
@@ -297,7 +347,8 @@ def _check_arguments(model: nn.Module, quantization, linears: list[tuple[str, nn
 
 @torch.no_grad()
 def compress_drafter(
-    small: nn.Module, quantization: str | None = "int4", vocab_size: int | None = None, token_counts=None
+    small: nn.Module, quantization: str | None = "int4", vocab_size: int | None = None, token_counts=None,
+    dense_prefill: bool = True,
 ) -> nn.Module:
     """Make a small (drafter) model cheaper to run, in place, and return it.
 
@@ -307,6 +358,9 @@ def compress_drafter(
             scales) or None; CPU only.
         vocab_size: keep only this many output rows (special tokens + most frequent ids); None keeps all.
         token_counts: `(V,)` counts per token id, or token-id sequences to count; None ranks by token id.
+        dense_prefill: keep each layer's original weights for long inputs (the prompt's prefill), from the number
+            of rows at which timing its shape here shows them faster than the packed kernel (if any). Memory: the
+            dense weights stay alive; pass False to keep only the quantized ones.
 
     The logits keep their full `(..., V)` shape. What was done is recorded as ``small.bild_compression``.
     """
@@ -317,19 +371,21 @@ def compress_drafter(
     kept_ids = None if vocab_size is None else draft_vocabulary(small, vocab_size, token_counts)
     if kept_ids is not None and len(kept_ids) == n_vocab:
         kept_ids = None  # every row kept: nothing to prune
+    crossovers = {} if dense_prefill else None
     for name, linear in linears:
         if linear is head:
             continue
-        _replace(small, name, _quantize(linear, quantization))
+        _replace(small, name, _quantize(linear, quantization, crossovers))
     new_head = head if kept_ids is None else _keep_rows(head, kept_ids.to(head.weight.device))
-    new_head = _quantize(new_head, quantization)
+    new_head = _quantize(new_head, quantization, crossovers)
     if kept_ids is not None:
         new_head = PrunedHead(new_head, kept_ids.to(head.weight.device), n_vocab)
     small.set_output_embeddings(new_head)
     n_int4 = sum(isinstance(m, Int4Linear) for m in small.modules())
     n_int8 = sum(isinstance(m, Int8Linear) for m in small.modules())
+    n_dense = sum(isinstance(m, DensePrefill) and m.dense is not None for m in small.modules())
     small.bild_compression = DrafterCompression(
-        quantization, n_int8, n_int4, n_vocab if kept_ids is None else len(kept_ids), n_vocab
+        quantization, n_int8, n_int4, n_vocab if kept_ids is None else len(kept_ids), n_vocab, n_dense
     )
     return small
 

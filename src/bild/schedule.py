@@ -169,8 +169,10 @@ def forward_bytes(model: PreTrainedModel) -> int:
     """Bytes of weights a forward reads: all but the input embedding table (one row a token)."""
     if hasattr(model, "bild_forward_bytes"):  # a drafter that runs part of another model (bild.early_exit)
         return model.bild_forward_bytes()
-    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    total += sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
+    prefill_only = {id(t) for m in model.modules() if getattr(m, "dense", None) is not None  # read for prefill only
+                    for t in (*m.dense.parameters(), *m.dense.buffers())}  # fmt: skip
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in prefill_only)
+    total += sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear) and id(m.packed) not in prefill_only)
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if embeddings is not None and getattr(head, "weight", None) is not embeddings.weight:
