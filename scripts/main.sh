@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python scripts/prepare_models.py
 .venv/bin/python scripts/prepare_data.py
-.venv/bin/bild bench --config configs/qwen-coder-humaneval.yaml --limit 3 --out runs/main "$@"
+.venv/bin/bild bench --config configs/qwen-coder-main.yaml --out runs/main "$@"

@@ -264,13 +264,18 @@ def test_bad_config_file_is_reported_by_the_cli(tmp_path, capsys):
 
 def test_shipped_configs_are_valid():
 
-    paths = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert len(paths) >= 10
+    paths = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+    assert len(paths) >= 14
     for path in paths:
         names = {spec.name for spec in load_config(path).methods}
-        # the task configs compare every method; the drafter studies (-aligned, -exit) large and BiLD only
-        study = path.stem.endswith(("-aligned", "-exit"))
-        assert names == ({"large", "bild"} if study else {"large", "small", "assisted", "bild"}), path
+        # the task configs compare every method; the drafter studies (-aligned, -exit) large and BiLD only; the
+        # main job and the variant studies large, stock assisted and BiLD
+        if path.stem.endswith(("-aligned", "-exit")):
+            assert names == {"large", "bild"}, path
+        elif path.stem == "qwen-coder-main" or path.parent.name == "variants":
+            assert names == {"large", "assisted", "bild"}, path
+        else:
+            assert names == {"large", "small", "assisted", "bild"}, path
 
 
 def test_float_lists_and_inf():
@@ -318,3 +323,25 @@ def test_drafters_must_be_defined_and_valid():
         parse_config({**BASE, "drafters": {"q": {"quantization": "int3"}}})
     with pytest.raises(ValueError, match="drop `model`"):
         parse_config({**BASE, "drafters": {"q": {"early_exit": 2, "model": "x"}}})
+
+
+def test_variants_plot_writes_a_png(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import plot_variants
+
+    def methods(speedups):
+        return {
+            label: {"name": label.split("(")[0], "speedup": s, "large_forwards_per_token": 1 / (s * 1.5)}
+            for label, s in speedups.items()
+        }
+
+    results = [
+        {"task": {"name": "code"}, "environment": {"dtype": "bfloat16"}, "methods": methods({"large": 1.0, "bild(0.5, 0, 20)": 2.5})},
+        {"task": {"name": "translation"}, "environment": {"dtype": "float32"}, "methods": methods({"large": 1.0, "assisted": 1.2})},
+    ]  # fmt: skip
+    paths = []
+    for i, result in enumerate(results):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(result))
+    plot_variants.main([*map(str, paths), "--out", str(tmp_path / "v.png")])
+    assert (tmp_path / "v.png").read_bytes()[:8] == PNG_MAGIC and "wrote" in capsys.readouterr().out

@@ -77,3 +77,36 @@ def short_bild_label(summary: dict) -> str:
     """``(fallback, rollback)`` of a BiLD point, e.g. ``(0.6, 2)``."""
     params = summary["params"]
     return f"({params['fallback_threshold']:g}, {params['rollback_threshold']:g})"
+
+
+def plot_variants(results: list[dict], path: str | Path) -> Path:
+    """Write ``path`` (PNG): per method of each results file, tokens per large forward against wall time per token
+    relative to the large model (1 / speedup): up is fewer large calls, left is faster. One colour per file."""
+    fig = Figure(figsize=(7, 5), dpi=120)
+    ax = fig.subplots()
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    for i, result in enumerate(results):
+        color = colors[i % len(colors)]
+        title = f"{result['task']['name']} ({result['environment'].get('dtype', '')})"
+        drawn = False
+        for label, summary in result["methods"].items():
+            per_token = summary.get("large_forwards_per_token")
+            if not summary.get("speedup") or not per_token:
+                continue
+            marker = BASELINE_MARKERS.get(summary["name"], ("o", color))[0]
+            x, y = 1 / summary["speedup"], 1 / per_token
+            ax.scatter([x], [y], marker=marker, c=color, edgecolors="black", label=None if drawn else title)
+            drawn = True
+            ax.annotate(label.replace(" [int4]", ""), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("wall time per token, x the large model's (lower is faster)")
+    ax.set_ylabel("tokens per large-model forward")
+    ax.set_title("Variants: squares large, diamonds stock assisted, circles bild", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
