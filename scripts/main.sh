@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: venv, the offline Qwen2.5-Coder 0.5B/1.5B pair and data (skipped when
-# already prepared), then `bild bench` on the first 3 HumanEval problems in bfloat16 (where the CPU has it):
-# the large model alone, the small one, stock assisted generation with the plain and the int4-compressed
-# drafter, and lossless BiLD with both, ending with the results table.
-# Extra arguments go to `bild bench` (e.g. --limit 20, --config configs/qwen-coder-de-en.yaml).
+# already prepared), then `bild bench` on the first 3 HumanEval problems, 128 new tokens
+# (configs/qwen-coder-main.yaml; bfloat16 where the CPU computes in it, else float32; every model on the
+# linear kernels timed fastest here): the large model alone, stock assisted generation given the
+# int4-compressed drafter, and lossless BiLD with the same drafter, plain and with candidates and context
+# drafts, one line per call as it goes, ending with the results table (about 5 minutes on 2 AVX2 cores).
+# Extra arguments go to `bild bench` (e.g. --limit 20, --kernels stock, --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -138,7 +138,7 @@ def machine_key(model: nn.Module) -> dict:
     if device.type == "cpu":
         key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         key["onednn_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-        key["cpu_model"] = _cpu_model_name()
+        key["cpu_model"] = cpu_model_name()
     elif device.type == "cuda":
         key["gpu"] = torch.cuda.get_device_name(device)
     return key
@@ -275,7 +275,7 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import bild
+from bild.kernels import cpu_model_name
 
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -125,11 +126,4 @@ def cpu_vector_flags() -> str:
 
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo, else `platform.processor()`."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpu_model_name() or "unknown CPU"
