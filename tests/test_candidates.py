@@ -10,6 +10,12 @@ import torch
 from conftest import PAD, VOCAB, left_pad, prompts
 
 import bild
+from bild.schedule import DraftCosts
+
+# a verification forward costs the same whatever it reads: every candidate pays
+FLAT = DraftCosts(small=((1, 0.1),), large=((1, 1.0), (64, 1.0)))
+# each token fed costs a whole forward: no candidate ever pays
+STEEP = DraftCosts(small=((1, 0.1),), large=((1, 1.0), (64, 64.0)))
 
 
 def generate(large, ids, mask=None, **kwargs):
@@ -112,8 +118,9 @@ def test_lossy_candidates_still_decode(pair):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"fallback_candidates": -1}, "`fallback_candidates` must be an integer >= 0"),
-        ({"fallback_candidates": 1.5}, "`fallback_candidates` must be an integer >= 0"),
+        ({"fallback_candidates": -1}, "`fallback_candidates` must be an integer >= 0 or 'auto'"),
+        ({"fallback_candidates": 1.5}, "`fallback_candidates` must be an integer >= 0 or 'auto'"),
+        ({"fallback_candidates": "many"}, "`fallback_candidates` must be an integer >= 0 or 'auto'"),
         ({"fallback_candidates": VOCAB + 1}, "exceeds the vocabulary"),
         ({"fallback_candidates": 3, "do_sample": True}, "no exact sampling rule yet"),
     ],
@@ -134,3 +141,33 @@ def test_encoder_decoder_pairs_are_told_to_use_one_candidate(s2s):
     out = large.generate(src, generation_mode="bild", fallback_candidates=1, rollback_threshold=0.0,
                          fallback_threshold=0.9, max_new_tokens=12, do_sample=False)  # fmt: skip
     assert torch.equal(out, large.generate(src, max_new_tokens=12, do_sample=False))
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_auto_checks_candidates_only_where_they_pay(pair, batch):
+    large, _ = pair
+    ids, mask = left_pad(prompts(batch, seed=4))
+    expected = stock_greedy(large, ids, mask)
+    flat = generate(large, ids, mask, fallback_candidates="auto", draft_costs=FLAT)
+    steep = generate(large, ids, mask, fallback_candidates="auto", draft_costs=STEEP)
+    none = generate(large, ids, mask, fallback_candidates=0, draft_costs=STEEP)
+    assert torch.equal(flat.sequences, expected) and torch.equal(steep.sequences, expected)
+    assert sum(flat.bild_stats.siblings) > 0 and max(flat.bild_stats.siblings) <= 3 * max(flat.bild_stats.fallbacks)
+    assert steep.bild_stats == none.bild_stats  # where verifying a token costs a forward, nothing is checked
+    if batch > 1:
+        for b in range(batch):
+            alone = generate(large, ids[b : b + 1, mask[b].bool()], fallback_candidates="auto", draft_costs=FLAT)
+            assert torch.equal(alone.sequences[0], flat.sequences[b, -alone.sequences.shape[1] :])
+
+
+def test_auto_falls_back_to_the_unsure_token_where_siblings_cannot_be_checked(s2s, pair):
+    large, _ = s2s
+    src = torch.stack([p[:5] for p in prompts(2, lengths=(5,))])
+    out = large.generate(src, generation_mode="bild", fallback_candidates="auto", draft_costs=FLAT, rollback_threshold=0.0,
+                         fallback_threshold=0.9, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out.sequences, large.generate(src, max_new_tokens=12, do_sample=False))
+    assert sum(out.bild_stats.siblings) == 0 and sum(out.bild_stats.drafted) > 0
+    causal, _ = pair
+    sampled = causal.generate(prompts(1)[0][None], generation_mode="bild", fallback_candidates="auto", do_sample=True,
+                              top_k=1, draft_costs=FLAT, rollback_threshold=0.0, max_new_tokens=8, pad_token_id=PAD)  # fmt: skip
+    assert torch.equal(sampled, stock_greedy(causal, prompts(1)[0][None], max_new_tokens=8))

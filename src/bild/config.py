@@ -13,7 +13,7 @@ import numpy as np
 from transformers import GenerationConfig
 
 from .compat import SeenByGenerate
-from .schedule import AUTO, DraftCosts
+from .schedule import AUTO, AUTO_MAX_CANDIDATES, DraftCosts
 
 BILD_MODE = "bild"
 DEFAULT_FALLBACK_THRESHOLD = 0.6
@@ -48,7 +48,8 @@ class BildSettings:
         on first use (`DraftCosts.for_pair`).
     fallback_candidates: K >= 0, the small model's top-K tokens at the unsure position that the large model
         checks as siblings in its verification forward (one is kept if it is exactly the large model's own
-        choice); 1 is ``verify_fallback_token``; 0 drops the unsure token (the paper's rule).
+        choice); 1 is ``verify_fallback_token``; 0 drops the unsure token (the paper's rule); ``"auto"``: up to
+        `AUTO_MAX_CANDIDATES`, each checked only where its probability pays for the extra verification cost.
     prompt_lookup_num_tokens: k >= 1 or None (the stock `GenerationConfig` field): each round first copies up to
         k tokens as free drafts from where the row's last n-gram occurred earlier in its text
         (`bild.context_drafts`); None: none.
@@ -60,7 +61,7 @@ class BildSettings:
     max_draft_tokens: int | str = DEFAULT_MAX_DRAFT_TOKENS
     verify_fallback_token: bool = DEFAULT_VERIFY_FALLBACK_TOKEN
     draft_costs: DraftCosts | dict | str | None = None
-    fallback_candidates: int = DEFAULT_FALLBACK_CANDIDATES
+    fallback_candidates: int | str = DEFAULT_FALLBACK_CANDIDATES
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
 
@@ -71,7 +72,8 @@ class BildSettings:
                 object.__setattr__(self, name, int(getattr(self, name)))
         validate_settings(self.fallback_threshold, self.rollback_threshold, self.max_draft_tokens,
                           self.verify_fallback_token, self.fallback_candidates)  # fmt: skip
-        object.__setattr__(self, "fallback_candidates", int(self.fallback_candidates))
+        if self.fallback_candidates != AUTO:
+            object.__setattr__(self, "fallback_candidates", int(self.fallback_candidates))
         # plain Python numbers (not numpy scalars), so configs and reports serialize cleanly
         object.__setattr__(self, "fallback_threshold", float(self.fallback_threshold))
         object.__setattr__(self, "rollback_threshold", float(self.rollback_threshold))
@@ -82,9 +84,10 @@ class BildSettings:
 
     @property
     def n_candidates(self) -> int:
-        """Tokens the large model checks at an unsure position: ``fallback_candidates``, at least 1 with
-        ``verify_fallback_token``."""
-        return max(self.fallback_candidates, int(self.verify_fallback_token))
+        """The most tokens the large model checks at an unsure position: ``fallback_candidates`` ("auto": up to
+        `AUTO_MAX_CANDIDATES`), at least 1 with ``verify_fallback_token``."""
+        most = AUTO_MAX_CANDIDATES if self.fallback_candidates == AUTO else self.fallback_candidates
+        return max(most, int(self.verify_fallback_token))
 
     @classmethod
     def from_config(cls, *generation_configs: GenerationConfig | None, **overrides: Any) -> BildSettings:
@@ -126,10 +129,11 @@ def validate_settings(
         )
     if not isinstance(verify_fallback_token, (bool, np.bool_)):
         raise ValueError(f"`verify_fallback_token` must be True or False, got {verify_fallback_token!r}.")
-    if not is_integer(fallback_candidates) or fallback_candidates < 0:
+    if fallback_candidates != AUTO and (not is_integer(fallback_candidates) or fallback_candidates < 0):
         raise ValueError(
-            f"`fallback_candidates` must be an integer >= 0, got {fallback_candidates!r}: the number of the small "
-            "model's top tokens at an unsure position that the large model checks (0: none, the paper's rule)."
+            f"`fallback_candidates` must be an integer >= 0 or 'auto', got {fallback_candidates!r}: the number of the "
+            "small model's top tokens at an unsure position that the large model checks (0: none, the paper's rule; "
+            "'auto': those whose probability pays for the extra verification cost)."
         )
 
 

@@ -20,7 +20,7 @@ from .compat import has_relative_positions, takes_forward_arg, tree_attention_ma
 from .config import BildSettings
 from .context_drafts import context_draft_probs, propose_context_drafts
 from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
-from .schedule import AUTO, DraftCosts, DraftSchedule
+from .schedule import AUTO, CandidateRule, DraftCosts, DraftSchedule
 from .stats import BildStats
 
 # B: batch rows, T: sequence length, L: chunk fed in one forward, K: most drafts in a round, V: vocabulary.
@@ -305,15 +305,18 @@ def apply_processors(
 
 
 def draft(
-    small: Decoder, state: BatchState, rules: TokenRules, sampling: Sampling, settings: BildSettings, cap: int
-) -> Drafts:
+    small: Decoder, state: BatchState, rules: TokenRules, sampling: Sampling, settings: BildSettings, cap: int,
+    candidates: CandidateRule | None = None,
+) -> Drafts:  # fmt: skip
     """Step 1: the small model drafts until it is unsure, drafts ``cap`` tokens, or reaches EOS or the length limit.
 
     Drafts are written into ``state.token_ids`` (tentatively) and ``state.lengths`` grows with them. With
-    ``settings.n_candidates`` >= 1, the token the small model was unsure of is written after them too, for
-    the large model to check (it is not a draft: `Drafts.has_candidate`); with K > 1 candidates, its K - 1
-    next-best tokens are kept in `Drafts.siblings`, to be checked at the same position.
+    ``candidates`` (default: ``settings.n_candidates`` for every unsure row) >= 1, the token the small model was
+    unsure of is written after them too, for the large model to check (it is not a draft: `Drafts.has_candidate`);
+    with K > 1 candidates, its K - 1 next-best tokens are kept in `Drafts.siblings`, to be checked at the same
+    position.
     """
+    candidates = candidates or CandidateRule(settings.n_candidates)
     start = state.lengths.clone()
     # free drafts first, no model call: what followed the row's last n-gram earlier in its text (prompt lookup)
     n_context, ends_in_eos = propose_context_drafts(state, rules, settings)
@@ -336,10 +339,14 @@ def draft(
         probs = scores.softmax(dim=-1)  # [B, V]
         is_unsure = is_drafting & should_fall_back(probs, settings.fallback_threshold)
         drafts.fell_back |= is_unsure
-        is_written = is_drafting & (~is_unsure | (settings.n_candidates > 0))
+        n_candidates = torch.zeros_like(start)
+        if bool(is_unsure.any()):
+            n_fed = float(torch.where(state.finished, 0, state.lengths - start + 1).sum())  # the large model's chunk
+            n_candidates = torch.where(is_unsure, candidates.per_row(probs, n_fed), 0)  # [B]
+        is_written = is_drafting & (~is_unsure | (n_candidates > 0))
         token_ids = probs.argmax(dim=-1)  # [B]
-        if settings.n_candidates > 1 and bool(is_unsure.any()):
-            add_siblings(drafts, probs, is_unsure, settings.n_candidates)
+        if candidates.most > 1 and bool((n_candidates > 1).any()):
+            add_siblings(drafts, probs, n_candidates > 1, candidates.most, n_candidates - 1)
         if sampling.do_sample:
             draft_probs.append(probs)
             token_ids[is_written] = sample(probs[is_written], sampling.generator)
@@ -385,13 +392,16 @@ def check_context_drafts(
     return scores[torch.arange(len(start), device=start.device), n_kept]
 
 
-def add_siblings(drafts: Drafts, probs: torch.Tensor, is_unsure: torch.Tensor, n_candidates: int) -> None:
-    """Keep the 2nd..Kth most likely tokens of the ``is_unsure`` rows (greedy: the 1st is the candidate)."""
+def add_siblings(
+    drafts: Drafts, probs: torch.Tensor, is_unsure: torch.Tensor, most: int, n_siblings: torch.Tensor
+) -> None:  # fmt: skip
+    """Keep the 2nd, 3rd, ... most likely tokens of the ``is_unsure`` rows, ``n_siblings[b]`` of them (at most
+    ``most - 1``; greedy: the 1st is the candidate)."""
     if drafts.siblings is None:
-        drafts.siblings = torch.zeros(len(probs), n_candidates - 1, dtype=torch.long, device=probs.device)
+        drafts.siblings = torch.zeros(len(probs), most - 1, dtype=torch.long, device=probs.device)
         drafts.n_siblings = torch.zeros(len(probs), dtype=torch.long, device=probs.device)
-    top = probs.topk(n_candidates, dim=-1)  # [B, K]
-    n_possible = (top.values[:, 1:] > 0).sum(dim=-1)  # a token the processors ruled out is never checked
+    top = probs.topk(most, dim=-1)  # [B, K]
+    n_possible = torch.minimum((top.values[:, 1:] > 0).sum(dim=-1), n_siblings)  # never a token ruled out
     drafts.siblings[is_unsure] = top.indices[is_unsure, 1:]
     drafts.n_siblings[is_unsure] = n_possible[is_unsure]
 
@@ -609,7 +619,7 @@ def bild_loop(
         is_active = ~state.finished
         start = state.lengths.clone()  # [B] index of this round's first new token
         # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
-        drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active))
+        drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active), schedule.candidates)
         # 2. The large model reads everything it has not seen, drafts included, in one forward
         target_scores, target_logits = verify(large, state, rules, start, drafts)  # [B, K+1, V]
         # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
@@ -776,6 +786,7 @@ def decode_batch(
     state = BatchState.from_prompts(inputs.input_ids, inputs.attention_mask, rules.max_length, rules.pad_token_id)
     large, small, caches = build_decoders(large_model, small_model, inputs, rules.vocab_size, batch_size)
     schedule = DraftSchedule(batch_size, device, *draft_caps(settings, large_model, small_model))
+    schedule.candidates = candidate_rule(settings, sampling, large_model, small_model, schedule.costs)
     outputs = None
     if output_scores or output_logits:
         outputs = StepOutputs(prompt_length, rules.pad_token_id, output_scores, output_logits)
@@ -792,10 +803,30 @@ def decode_batch(
     return DecodeResult(sequences, state.stats.tolist(), caches, scores=scores, logits=logits)
 
 
+def can_check_siblings(sampling: Sampling, large_model, small_model) -> bool:
+    """Siblings need greedy decoding, a decoder-only large model that takes positions, and separate models."""
+    return not (
+        sampling.do_sample or large_model.config.is_encoder_decoder or not takes_forward_arg(large_model, "position_ids")
+        or hasattr(small_model, "bild_decoders")
+    )  # fmt: skip
+
+
+def candidate_rule(settings: BildSettings, sampling: Sampling, large_model, small_model, costs) -> CandidateRule:
+    """The candidates of an unsure position: a fixed number, or ("auto") those that pay under ``costs`` (measured
+    once when the schedule has none), the unsure token alone where siblings cannot be checked."""
+    if settings.fallback_candidates != AUTO:
+        return CandidateRule(settings.n_candidates)
+    most = settings.n_candidates if can_check_siblings(sampling, large_model, small_model) else 1
+    if costs is None:
+        costs = DraftCosts.load(settings.draft_costs) if settings.draft_costs is not None else None
+        costs = costs or DraftCosts.for_pair(large_model, small_model)
+    return CandidateRule(most, costs)
+
+
 def check_candidates(settings: BildSettings, sampling: Sampling, large_model, small_model, vocab_size: int) -> None:
     """``fallback_candidates`` > 1 needs greedy decoding and a decoder-only large model that takes positions."""
     k = settings.fallback_candidates
-    if k <= 1:
+    if k == AUTO or k <= 1:
         return
     if k > vocab_size:
         raise ValueError(f"fallback_candidates={k} exceeds the vocabulary ({vocab_size} tokens): use at most {vocab_size}.")

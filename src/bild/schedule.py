@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 AUTO_MAX_DRAFT_TOKENS = 20  # the largest cap "auto" considers
+AUTO_MAX_CANDIDATES = 4  # the most tokens fallback_candidates="auto" checks at an unsure position
 PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64)  # tokens fed per forward that `DraftCosts.measure` times
 # what `DraftCosts.for_pair` times on first use: enough to price drafting and verification, in seconds
 COST_TOKENS = (1, 2, 4, 8, 16, 32)
@@ -232,6 +233,7 @@ class DraftSchedule:
     def __init__(self, batch_size: int, device: torch.device, fixed: int | None, costs: DraftCosts | None):
         self.fixed = fixed
         self.costs = costs
+        self.candidates = CandidateRule(0)  # how many tokens the large model checks at an unsure position
         # decayed evidence per row: [B] small steps, drafts (= confident steps), accepted drafts
         self.steps = torch.zeros(batch_size, device=device)
         self.drafted = torch.zeros(batch_size, device=device)
@@ -269,3 +271,32 @@ def best_cap(r: list[float], a: list[float], costs: DraftCosts, max_cap: int = A
         if rate >= best_rate:
             best_k, best_rate = k, rate
     return best_k
+
+
+@dataclass(frozen=True)
+class CandidateRule:
+    """How many of the small model's most likely tokens the large model checks at an unsure position.
+
+    most: K, the most per row (0: none, the paper's rule; 1: the unsure token; more: siblings too).
+    costs: for ``fallback_candidates="auto"``: candidate ``j`` (its small-model probability ``q_j``, in order)
+        is checked when ``q_j`` is at least the extra cost of verifying one more token, in single-token large
+        forwards: its expected gain is ``q_j`` tokens, a plain large step yields one token per unit of cost.
+        Where a few more tokens cost the large forward almost nothing (bfloat16, oneDNN kernels) likely
+        candidates are checked; where cost grows fast with tokens (stock float32 kernels on AVX2), none are.
+        None: always ``most``.
+    """
+
+    most: int
+    costs: DraftCosts | None = None
+
+    def per_row(self, probs: torch.Tensor, n_fed: float) -> torch.Tensor:
+        """`(batch_size,)` candidates to check for rows unsure with processed probabilities `(batch_size, V)`,
+        when the large model's forward would otherwise read ``n_fed`` tokens (all rows)."""
+        if self.costs is None or self.most == 0:
+            return torch.full((len(probs),), self.most, dtype=torch.long, device=probs.device)
+        top = probs.topk(self.most, dim=-1).values  # [B, K]
+        extra = torch.tensor(
+            [self.costs.large_cost(n_fed + j) - self.costs.large_cost(n_fed + j - 1) for j in range(1, self.most + 1)],
+            dtype=top.dtype, device=top.device,
+        )  # fmt: skip
+        return (top >= extra).long().cumprod(dim=-1).sum(dim=-1)

@@ -234,8 +234,9 @@ def default_label(name: str, params: dict) -> str:
     ``assisted(n=5, constant, c=0.4)``, or the name."""
     if name == "bild" and params:
         checked = "+v" if params.get("verify_fallback_token") else ""
-        if (params.get("fallback_candidates") or 0) > 1:  # +c<K>: the unsure token and K - 1 siblings checked
-            checked = f"+c{params['fallback_candidates']}"
+        k = params.get("fallback_candidates") or 0
+        if k == "auto" or k > 1:  # +c<K>: the unsure token and K - 1 siblings checked (+cauto: those that pay)
+            checked = f"+c{k}"
         if params.get("prompt_lookup_num_tokens"):  # context drafts: +pl<k>, and /<n> for a non-default n-gram
             ngram = params.get("max_matching_ngram_size")
             checked += f"+pl{params['prompt_lookup_num_tokens']}" + (f"/{ngram}" if ngram else "")
