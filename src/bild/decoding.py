@@ -803,43 +803,41 @@ def decode_batch(
     return DecodeResult(sequences, state.stats.tolist(), caches, scores=scores, logits=logits)
 
 
-def can_check_siblings(sampling: Sampling, large_model, small_model) -> bool:
-    """Siblings need greedy decoding, a decoder-only large model that takes positions, and separate models."""
-    return not (
-        sampling.do_sample or large_model.config.is_encoder_decoder or not takes_forward_arg(large_model, "position_ids")
-        or hasattr(small_model, "bild_decoders")
-    )  # fmt: skip
-
-
 def candidate_rule(settings: BildSettings, sampling: Sampling, large_model, small_model, costs) -> CandidateRule:
-    """The candidates of an unsure position: a fixed number, or ("auto") those that pay under ``costs`` (measured
-    once when the schedule has none), the unsure token alone where siblings cannot be checked."""
+    """The candidates of an unsure position: a fixed number, or ("auto") those that pay under ``costs`` (the
+    pair's, when the schedule has none), the unsure token alone where siblings cannot be checked."""
     if settings.fallback_candidates != AUTO:
         return CandidateRule(settings.n_candidates)
-    most = settings.n_candidates if can_check_siblings(sampling, large_model, small_model) else 1
-    if costs is None:
-        costs = DraftCosts.load(settings.draft_costs) if settings.draft_costs is not None else None
-        costs = costs or DraftCosts.for_pair(large_model, small_model)
-    return CandidateRule(most, costs)
+    most = 1 if sibling_obstacle(sampling, large_model, small_model) else settings.n_candidates
+    return CandidateRule(most, costs or pair_costs(settings, large_model, small_model))
+
+
+def sibling_obstacle(sampling: Sampling, large_model, small_model) -> str | None:
+    """Why siblings of an unsure token cannot be checked in this call, or None: they need greedy decoding, a
+    decoder-only large model that takes positions, and a drafter apart from it."""
+    if sampling.do_sample:
+        return "fallback_candidates > 1 has no exact sampling rule yet: with do_sample=True"
+    if large_model.config.is_encoder_decoder or not takes_forward_arg(large_model, "position_ids"):
+        return (
+            f"fallback_candidates > 1 checks siblings at one position through explicit position ids, which "
+            f"{type(large_model).__name__} does not take (encoder-decoder models place tokens by cache slot)"
+        )
+    if hasattr(small_model, "bild_decoders"):
+        return "fallback_candidates > 1 does not work with a drafter inside the large model (early exit)"
+    return None
 
 
 def check_candidates(settings: BildSettings, sampling: Sampling, large_model, small_model, vocab_size: int) -> None:
-    """``fallback_candidates`` > 1 needs greedy decoding and a decoder-only large model that takes positions."""
+    """A fixed ``fallback_candidates`` > 1 must fit the vocabulary and a call that can check siblings."""
     k = settings.fallback_candidates
     if k == AUTO or k <= 1:
         return
     if k > vocab_size:
         raise ValueError(f"fallback_candidates={k} exceeds the vocabulary ({vocab_size} tokens): use at most {vocab_size}.")
-    fix = "use fallback_candidates=1 (the unsure token alone), or 0"
-    if sampling.do_sample:
-        raise ValueError(f"fallback_candidates > 1 has no exact sampling rule yet: with do_sample=True, {fix}.")
-    if large_model.config.is_encoder_decoder or not takes_forward_arg(large_model, "position_ids"):
-        raise ValueError(
-            f"fallback_candidates > 1 checks siblings at one position through explicit position ids, which "
-            f"{type(large_model).__name__} does not take (encoder-decoder models place tokens by cache slot): {fix}."
-        )
-    if hasattr(small_model, "bild_decoders"):
-        raise ValueError(f"fallback_candidates > 1 does not work with a drafter inside the large model (early exit): {fix}.")
+    obstacle = sibling_obstacle(sampling, large_model, small_model)
+    if obstacle:
+        separator = ", " if sampling.do_sample else ": "
+        raise ValueError(f"{obstacle}{separator}use fallback_candidates=1 (the unsure token alone), or 0.")
 
 
 def build_decoders(large_model, small_model, inputs: DecoderInputs, vocab_size: int, batch_size: int):
@@ -862,9 +860,12 @@ def draft_caps(settings: BildSettings, large_model, small_model) -> tuple[int | 
     """``(fixed cap, None)``, or ``(None, costs)`` for ``max_draft_tokens="auto"`` (measured once when not given)."""
     if settings.max_draft_tokens != AUTO:
         return settings.max_draft_tokens, None
-    if settings.draft_costs is not None:
-        return None, DraftCosts.load(settings.draft_costs)
-    return None, DraftCosts.for_pair(large_model, small_model)
+    return None, pair_costs(settings, large_model, small_model)
+
+
+def pair_costs(settings: BildSettings, large_model, small_model) -> DraftCosts:
+    """The ``draft_costs`` given (loaded when the settings were), else the pair's, measured once and stored."""
+    return settings.draft_costs or DraftCosts.for_pair(large_model, small_model)
 
 
 def can_batch_rows(model: PreTrainedModel) -> bool:

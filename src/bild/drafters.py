@@ -375,7 +375,7 @@ def compress_drafter(
     for name, linear in linears:
         if linear is head:
             continue
-        _replace(small, name, _quantize(linear, quantization, crossovers))
+        replace_module(small, name, _quantize(linear, quantization, crossovers))
     new_head = head if kept_ids is None else _keep_rows(head, kept_ids.to(head.weight.device))
     new_head = _quantize(new_head, quantization, crossovers)
     if kept_ids is not None:
@@ -390,6 +390,7 @@ def compress_drafter(
     return small
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule called ``name`` (dotted) is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)

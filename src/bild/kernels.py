@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .drafters import replace_module
 from .home import bild_home, write_json
 
 logger = logging.getLogger(__name__)
@@ -217,19 +218,14 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 @torch.no_grad()
 def _pack_linears(model: nn.Module) -> None:
     for name, linear in _linears(model):
-        _replace(model, name, PackedLinear.from_linear(linear))
+        replace_module(model, name, PackedLinear.from_linear(linear))
 
 
 @torch.no_grad()
 def _unpack_linears(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, PackedLinear):
-            _replace(model, name, module.to_linear())
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
+            replace_module(model, name, module.to_linear())
 
 
 def _time_model(model: nn.Module) -> dict[int, float]:

@@ -70,12 +70,17 @@ def cpu_has_bf16() -> bool:
     """
     if not torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")):
         return False
+    return any(flag in cpu_flags() for flag in CPU_BF16_FLAGS)
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return any(flag in flags for flag in CPU_BF16_FLAGS)
+        return frozenset()
 
 
 def clock(device: torch.device) -> float:
@@ -115,13 +120,8 @@ def environment(device: torch.device, dtype: torch.dtype, batch_size: int, kerne
 
 def cpu_vector_flags() -> str:
     """The CPU's vector-math flags that decide kernels (AVX2, AVX-512, bf16, AMX), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return ""
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return " ".join(flag for flag in wanted if flag in flags)
+    return " ".join(flag for flag in wanted if flag in cpu_flags())
 
 
 def cpu_name() -> str:
