@@ -7,10 +7,17 @@ import copy
 
 import pytest
 import torch
-from conftest import PAD, VOCAB, left_pad, prompts
+from conftest import CHAIN, EOS, PAD, VOCAB, left_pad, prompts, sample_chain
 
 import bild
 from bild.schedule import DraftCosts
+
+
+def strip(row: torch.Tensor) -> list[int]:
+    ids = row.tolist()
+    while ids and ids[-1] == PAD:
+        ids.pop()
+    return ids
 
 # a verification forward costs the same whatever it reads: every candidate pays
 FLAT = DraftCosts(small=((1, 0.1),), large=((1, 1.0), (64, 1.0)))
@@ -103,9 +110,27 @@ def test_scores_follow_the_chosen_sibling(causal_pair):
     stock = large.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, max_new_tokens=20,
                            output_scores=True, return_dict_in_generate=True)  # fmt: skip
     assert torch.equal(out.sequences, stock.sequences) and sum(out.bild_stats.siblings) > 0
-    for ours, theirs, in zip(out.scores, stock.scores, strict=True):
-        finite = torch.isfinite(theirs)
-        torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
+    assert_same_steps(out.scores, stock.scores)
+
+
+def test_encoder_decoder_logits_after_a_sibling_are_the_large_models_own(seq2seq_pair):
+    """The large model's logits after a chosen sibling come from the tree forward: they match stock's only if the
+    sibling stood at the right relative position."""
+    large = copy.deepcopy(seq2seq_pair[0])
+    bild.attach(large, noisy_copy(large, scale=1.5))
+    src = sample_chain(CHAIN, 4, 10, torch.Generator().manual_seed(9))
+    out = generate(large, src, fallback_threshold=1.0, fallback_candidates=4, output_logits=True)
+    stock = large.generate(src, do_sample=False, max_new_tokens=20, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, stock.sequences) and sum(out.bild_stats.siblings) > 0
+    assert_same_steps(out.logits, stock.logits)
+
+
+def assert_same_steps(ours, theirs):
+    """Every step's scores or logits match stock's for the rows still running (ended rows hold padding's)."""
+    for mine, stock in zip(ours, theirs, strict=True):
+        running = torch.isfinite(mine).sum(dim=-1) > 1  # [B]
+        finite = torch.isfinite(stock) & running[:, None]
+        torch.testing.assert_close(mine[finite], stock[finite], rtol=1e-4, atol=1e-4)
 
 
 def test_lossy_candidates_still_decode(pair):
@@ -133,14 +158,41 @@ def test_bad_values_say_what_to_change(pair, kwargs, message):
         large.generate(ids, generation_mode="bild", pad_token_id=PAD, max_new_tokens=4, **settings)
 
 
-def test_encoder_decoder_pairs_are_told_to_use_one_candidate(s2s):
-    large, _ = s2s
-    src = torch.stack([p[:5] for p in prompts(2, lengths=(5,))])
-    with pytest.raises(ValueError, match="fallback_candidates=1"):
-        large.generate(src, generation_mode="bild", fallback_candidates=3, max_new_tokens=4, do_sample=False)
-    out = large.generate(src, generation_mode="bild", fallback_candidates=1, rollback_threshold=0.0,
-                         fallback_threshold=0.9, max_new_tokens=12, do_sample=False)  # fmt: skip
-    assert torch.equal(out, large.generate(src, max_new_tokens=12, do_sample=False))
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("batch", [1, 6])
+def test_encoder_decoder_lossless_for_every_k_and_batch_rows_equal_rows_alone(seq2seq_pair, k, batch):
+    """T5: siblings stand at the unsure token's relative position (explicit positions, not cache slots)."""
+    large = copy.deepcopy(seq2seq_pair[0])
+    bild.attach(large, noisy_copy(large, scale=1.5))
+    src = sample_chain(CHAIN, batch, 10, torch.Generator().manual_seed(8))
+    src[1::2, 6:] = PAD  # unequal source lengths
+    mask = (src != PAD).long()
+    expected = large.generate(src, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    runs = {n: generate(large, src, mask, fallback_threshold=1.0, fallback_candidates=n, max_new_tokens=16) for n in (1, k)}
+    assert [strip(r) for r in runs[k].sequences] == [strip(r) for r in expected]
+    one, tree = runs[1].bild_stats, runs[k].bild_stats
+    assert sum(tree.siblings) > 0 and sum(tree.large_forwards) < sum(one.large_forwards)  # siblings were kept
+    if batch > 1:
+        for b in range(batch):
+            alone = generate(large, src[b : b + 1, mask[b].bool()], fallback_threshold=1.0, fallback_candidates=k,
+                             max_new_tokens=16)  # fmt: skip
+            assert strip(alone.sequences[0]) == strip(runs[k].sequences[b])
+            assert alone.bild_stats.to_dict() == tree.row(b).to_dict()
+
+
+def test_absolute_position_encoder_decoders_are_told_to_use_one_candidate(bart_pair):
+    large, small = bart_pair
+    bild.attach(large, small)
+    src = torch.tensor([[5, 9, 12, 30, 7, EOS]])
+    try:
+        with pytest.raises(ValueError, match="fallback_candidates=1"):
+            large.generate(src, generation_mode="bild", fallback_candidates=3, max_new_tokens=4, do_sample=False)
+        out = large.generate(src, generation_mode="bild", fallback_candidates="auto", draft_costs=FLAT, num_beams=1,
+                             rollback_threshold=0.0, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)  # fmt: skip
+        assert torch.equal(out.sequences, large.generate(src, max_new_tokens=10, do_sample=False, num_beams=1))
+        assert sum(out.bild_stats.siblings) == 0  # auto checks the unsure token alone there
+    finally:
+        bild.detach(large)
 
 
 @pytest.mark.parametrize("batch", [1, 6])
@@ -160,13 +212,7 @@ def test_auto_checks_candidates_only_where_they_pay(pair, batch):
             assert torch.equal(alone.sequences[0], flat.sequences[b, -alone.sequences.shape[1] :])
 
 
-def test_auto_falls_back_to_the_unsure_token_where_siblings_cannot_be_checked(s2s, pair):
-    large, _ = s2s
-    src = torch.stack([p[:5] for p in prompts(2, lengths=(5,))])
-    out = large.generate(src, generation_mode="bild", fallback_candidates="auto", draft_costs=FLAT, rollback_threshold=0.0,
-                         fallback_threshold=0.9, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)  # fmt: skip
-    assert torch.equal(out.sequences, large.generate(src, max_new_tokens=12, do_sample=False))
-    assert sum(out.bild_stats.siblings) == 0 and sum(out.bild_stats.drafted) > 0
+def test_auto_checks_the_unsure_token_alone_when_sampling(pair):
     causal, _ = pair
     sampled = causal.generate(prompts(1)[0][None], generation_mode="bild", fallback_candidates="auto", do_sample=True,
                               top_k=1, draft_costs=FLAT, rollback_threshold=0.0, max_new_tokens=8, pad_token_id=PAD)  # fmt: skip

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import PAD, prompts
+from conftest import EOS, PAD, prompts
 
 from bild.compat import (
     cache_kwarg,
@@ -15,6 +15,7 @@ from bild.compat import (
     has_relative_positions,
     new_cache,
     prepared_special_tokens,
+    relative_positions,
     takes_forward_arg,
     tree_attention_mask,
 )
@@ -82,3 +83,28 @@ def test_a_4d_mask_is_taken_as_given_in_the_format_of_the_attention(causal_pair,
         changed = large(ids, attention_mask=tree_attention_mask(large, hidden)).logits
     torch.testing.assert_close(masked, plain)
     assert not torch.allclose(changed[0, 6], plain[0, 6]) and torch.allclose(changed[0, :6], plain[0, :6])
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_t5_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(seq2seq_pair, attention):
+    """relative_positions: siblings fed after a T5 decoder chunk, at the last token's position and masked from
+    each other, get the logits each would get as that token; without the explicit positions they do not."""
+    large = copy.deepcopy(seq2seq_pair[0])
+    large.set_attn_implementation(attention)
+    src = prompts(1, lengths=(6,))[0][None]
+    path = torch.tensor([[EOS, 9, 14, 21]])  # decoder start, then tokens; 21 is replaced by each sibling
+    siblings = [30, 11]
+    ids = torch.cat([path, torch.tensor([siblings])], dim=1)  # [1, 6]
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed[4:, 3:] = torch.eye(6, dtype=torch.bool)[4:, 3:]  # each sibling sees the path before 21, and itself
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    mask = tree_attention_mask(large, allowed[None])
+    with torch.inference_mode():
+        with relative_positions(large, positions, positions):
+            tree = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
+        by_slot = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
+        for j, sibling in enumerate(siblings):
+            alone = large(src, decoder_input_ids=torch.cat([path[:, :3], torch.tensor([[sibling]])], dim=1)).logits
+            torch.testing.assert_close(tree[0, 4 + j], alone[0, 3], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(by_slot[0, 4 + j], alone[0, 3], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tree[0, :4], large(src, decoder_input_ids=path).logits[0])

@@ -89,7 +89,8 @@ def test_lookup_skips_padding_and_stops_at_eos_and_the_length_limit():
 @pytest.mark.parametrize("batch_size", [1, 8])
 @pytest.mark.parametrize("settings", [dict(fallback_threshold=0.5, max_draft_tokens=4, **LOOKUP),
                                       dict(fallback_threshold=0.9, max_draft_tokens=2, prompt_lookup_num_tokens=6,
-                                           max_matching_ngram_size=1)])  # fmt: skip
+                                           max_matching_ngram_size=1),
+                                      dict(fallback_threshold=0.9, max_draft_tokens=4, fallback_candidates=3, **LOOKUP)])  # fmt: skip
 def test_rollback_zero_with_lookup_is_large_greedy_decoder_only(pair, batch_size, settings):
     large, _ = pair
     ids, mask = left_pad(repeating_prompts(batch_size))
@@ -101,8 +102,9 @@ def test_rollback_zero_with_lookup_is_large_greedy_decoder_only(pair, batch_size
     assert counts["context_drafted"] <= counts["drafted"] and counts["context_accepted"] <= counts["accepted"]
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_rollback_zero_with_lookup_is_large_greedy_encoder_decoder(s2s, batch_size):
+def test_rollback_zero_with_lookup_is_large_greedy_encoder_decoder(s2s, batch_size, k):
     """T5: the text looked up is the decoder's (its start token and the accepted tokens)."""
     large, _ = s2s
     generator = torch.Generator().manual_seed(3)
@@ -112,9 +114,10 @@ def test_rollback_zero_with_lookup_is_large_greedy_encoder_decoder(s2s, batch_si
     src[1:, 8:] = PAD
     mask = (src != PAD).long()
     expected = large.generate(src, attention_mask=mask, max_new_tokens=12)
-    out = bild_generate(large, src, mask, rollback_threshold=0.0, fallback_threshold=0.6, max_new_tokens=12, **LOOKUP)
+    out = bild_generate(large, src, mask, rollback_threshold=0.0, fallback_threshold=0.6, max_new_tokens=12,
+                        fallback_candidates=k, **LOOKUP)  # fmt: skip
     assert [strip(r) for r in out.sequences] == [strip(r) for r in expected]
-    assert totals(out)["context_accepted"] > 0
+    assert totals(out)["context_accepted"] > 0 and (totals(out)["siblings"] > 0) == (k > 1)
 
 
 def test_batch_equals_rows_alone_with_lookup(pair):

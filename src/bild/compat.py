@@ -21,7 +21,11 @@ tested in tests/test_compat.py:
 - `tree_attention_mask`: decoder-only models take a 4D ``attention_mask`` `(batch, 1, query, key)` as given
   (``masking_utils`` returns a 4D mask as is); its format follows the private
   ``config._attn_implementation``: "sdpa" (and flex/flash refuse) wants bool (True: attend), "eager" an
-  additive float mask.
+  additive float mask. T5-family decoders take it too (their causal mask goes through ``masking_utils``).
+- `relative_positions`: a T5-family decoder's self-attention layers with ``has_relative_attention_bias`` compute
+  their bias in ``compute_bias(query_length, key_length, ...)`` (later layers reuse the first one's), from
+  ``_relative_position_bucket`` and the ``relative_attention_bias`` embedding; bild swaps in a ``compute_bias``
+  that reads explicit positions for a forward whose tokens do not sit at their slots (tree siblings).
 - The ``custom_generate=<callable>`` route of generate() itself (used in integration.py) is public API.
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, PreTrainedModel
@@ -115,6 +120,35 @@ def tree_attention_mask(model: PreTrainedModel, allowed: torch.Tensor) -> torch.
 
 def has_relative_positions(model: PreTrainedModel) -> bool:
     return model.config.is_encoder_decoder and model.config.model_type in RELATIVE_POSITION_SEQ2SEQ
+
+
+@contextmanager
+def relative_positions(model: PreTrainedModel, query_positions: torch.Tensor, key_positions: torch.Tensor):
+    """Within the block, ``model``'s decoder (T5 family) biases attention by explicit token positions instead of
+    cache slots: ``query_positions`` `(batch, query)` for the forward's tokens, ``key_positions`` `(batch, key)`
+    for every slot it attends to (cache, then the forward's tokens)."""
+    layers = [m for m in model.get_decoder().modules() if getattr(m, "has_relative_attention_bias", False)]
+    if not layers or not all(hasattr(m, "compute_bias") for m in layers):
+        raise RuntimeError(f"bild: {type(model).__name__} has no relative attention bias to position siblings by.")
+
+    def bias_from_positions(layer):
+        def compute_bias(query_length: int, key_length: int, *args, **kwargs) -> torch.Tensor:
+            relative = key_positions[:, None, :key_length] - query_positions[:, -query_length:, None]  # [B, Q, K]
+            buckets = layer._relative_position_bucket(
+                relative, bidirectional=not layer.is_decoder, num_buckets=layer.relative_attention_num_buckets,
+                max_distance=layer.relative_attention_max_distance,
+            )  # fmt: skip
+            return layer.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # [B, heads, Q, K]
+
+        return compute_bias
+
+    for layer in layers:
+        layer.compute_bias = bias_from_positions(layer)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.compute_bias
 
 
 def gather_cache_slots(cache: Cache, index: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from .cache import BildCache, TrackedCache
-from .compat import has_relative_positions, takes_forward_arg, tree_attention_mask
+from .compat import has_relative_positions, relative_positions, takes_forward_arg, tree_attention_mask
 from .config import BildSettings
 from .context_drafts import context_draft_probs, propose_context_drafts
 from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
@@ -194,7 +194,7 @@ class Decoder:
             is_advancing: `(batch_size,)` bool, rows to advance; the others sit this forward out.
             first_target: `(batch_size,)` the first sequence index to predict.
             n_targets: number of consecutive indices to predict from ``first_target``.
-            siblings: `(batch_size, S)` alternatives to each row's last token (decoder-only models): fed in the
+            siblings: `(batch_size, S)` alternatives to each row's last token (decoder-only and T5-family models): fed in the
                 same forward at the same position, each seeing the tokens before that one and not each other
                 (a tree, through a 4D attention mask). Row ``b`` uses its first ``n_siblings[b]``. Their
                 next-token logits land in ``self.sibling_logits`` `(batch_size, S, V_model)`, and their cache
@@ -231,7 +231,11 @@ class Decoder:
         kwargs.update(self._input_kwargs(input_ids, mask, positions))
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n_keep + n_tree
-        logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
+        if n_tree and self.places_by_slot:  # T5: siblings stand at the replaced token's place, not their slots
+            with relative_positions(self.model, *self._slot_positions(n_feed, chunk_len, n_tree)):
+                logits = self.model(**kwargs).logits
+        else:
+            logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
         cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
         if n_tree:
             self.sibling_logits = logits[:, -n_tree:].float()
@@ -269,6 +273,15 @@ class Decoder:
         )  # [B, Q, S_cache + Q]
         allowed[:, keys, n_cached + keys] = True  # every query sees itself: no row of the mask is empty
         return input_ids, slot_index, positions, tree_attention_mask(self.model, allowed)
+
+    def _slot_positions(self, n_feed: torch.Tensor, chunk_len: int, n_tree: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a right-aligned cache: each query's and each key's position, a slot's own index except for the
+        siblings, which stand at the row's last fed token. `(batch_size, L + S)` and `(batch_size, S_cache + L + S)`."""
+        n_cached = self.cache.length
+        queries = n_cached + torch.arange(chunk_len + n_tree, device=n_feed.device).repeat(n_feed.shape[0], 1)
+        queries[:, chunk_len:] = (n_cached + n_feed - 1)[:, None]
+        cached = torch.arange(n_cached, device=n_feed.device).expand(n_feed.shape[0], -1)
+        return queries, torch.cat([cached, queries], dim=1)
 
     def _input_kwargs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> dict:
         if self.is_encoder_decoder:
@@ -814,13 +827,15 @@ def candidate_rule(settings: BildSettings, sampling: Sampling, large_model, smal
 
 def sibling_obstacle(sampling: Sampling, large_model, small_model) -> str | None:
     """Why siblings of an unsure token cannot be checked in this call, or None: they need greedy decoding, a
-    decoder-only large model that takes positions, and a drafter apart from it."""
+    large model that takes explicit positions (decoder-only with position_ids, or T5-family), and a drafter
+    apart from it."""
     if sampling.do_sample:
         return "fallback_candidates > 1 has no exact sampling rule yet: with do_sample=True"
-    if large_model.config.is_encoder_decoder or not takes_forward_arg(large_model, "position_ids"):
+    if not (has_relative_positions(large_model) or takes_forward_arg(large_model, "position_ids")):
         return (
-            f"fallback_candidates > 1 checks siblings at one position through explicit position ids, which "
-            f"{type(large_model).__name__} does not take (encoder-decoder models place tokens by cache slot)"
+            f"fallback_candidates > 1 checks siblings at one position through explicit positions, which "
+            f"{type(large_model).__name__} does not take (it places tokens by cache slot; T5-family and "
+            f"decoder-only models with position_ids can)"
         )
     if hasattr(small_model, "bild_decoders"):
         return "fallback_candidates > 1 does not work with a drafter inside the large model (early exit)"
