@@ -90,6 +90,7 @@ def test_a_fallback_round_makes_one_large_forward_and_siblings_save_rounds(causa
     assert len(calls) == one.large_forwards[0] + four.large_forwards[0]  # one large forward per round
     assert four.fallbacks == four.large_forwards  # every round fell back, and made exactly one large forward
     assert four.siblings[0] == 3 * four.fallbacks[0] and one.siblings == [0]
+    assert 0 < four.siblings_kept[0] <= four.accepted[0] and one.siblings_kept == [0]
     assert four.accepted[0] > one.accepted[0] and four.large_forwards[0] < one.large_forwards[0]
 
 

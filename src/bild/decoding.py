@@ -609,6 +609,8 @@ def count_round(state: BatchState, is_active, drafts: Drafts, n_accepted, is_rol
     n_siblings = 0 if drafts.n_siblings is None else drafts.n_siblings
     stats.drafted += (drafts.n_drafted + drafts.has_candidate + n_siblings) * is_active
     stats.siblings += n_siblings * is_active
+    if drafts.kept_sibling is not None:  # a kept sibling stands at offset n_drafted, if the row got that far
+        stats.siblings_kept += (drafts.kept_sibling >= 0) & (n_accepted > drafts.n_drafted) & is_active
     stats.accepted += n_accepted * is_active
     stats.fallbacks += drafts.fell_back & is_active
     stats.rollbacks += is_rollback & is_active

@@ -33,6 +33,7 @@ class BildStats:
     context_drafted: Sequence[int] = field(default_factory=list)  # drafts copied from the text (prompt lookup)
     context_accepted: Sequence[int] = field(default_factory=list)  # of those, kept after verification
     siblings: Sequence[int] = field(default_factory=list)  # next-best tokens checked beside an unsure one (in drafted)
+    siblings_kept: Sequence[int] = field(default_factory=list)  # of those, kept in the unsure token's place (in accepted)
 
     @classmethod
     def zeros(cls, batch_size: int, device: torch.device | None = None) -> BildStats:
@@ -82,6 +83,7 @@ class BildStats:
             "fallback_rate": _ratio(totals["fallbacks"], n_rounds),
             "rollback_rate": _ratio(totals["rollbacks"], n_rounds),
             "context_acceptance_rate": _ratio(totals["context_accepted"], totals["context_drafted"]),
+            "sibling_acceptance_rate": _ratio(totals["siblings_kept"], totals["siblings"]),
         }
 
 

@@ -15,7 +15,9 @@ DEFINITIONS = """\
 - BiLD, per row: a round is one draft phase plus one large-model verification (rounds = large forwards
   that advanced the row). fallback = fallbacks / rounds (rounds the small model ended for low
   confidence); rollback = rollbacks / rounds (rounds in which the large model rejected a draft);
-  accept = accepted / drafted tokens. Counts are summed over rows before dividing.
+  accept = accepted / drafted tokens; ctx kept = context drafts kept / proposed (`prompt_lookup_num_tokens`);
+  sib kept = siblings kept in the unsure token's place / siblings checked (`fallback_candidates`). Counts
+  are summed over rows before dividing; "-" where a method made none.
 - =large: fraction of examples whose output token ids equal `large`'s exactly.
 - prefix=large: mean over examples of (common token prefix with `large`) / (length of the longer output).
 """

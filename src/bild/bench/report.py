@@ -18,6 +18,8 @@ COLUMNS = (  # (header, summary key, format)
     ("fallback", "fallback_rate", "{:.2f}"),
     ("rollback", "rollback_rate", "{:.2f}"),
     ("accept", "acceptance_rate", "{:.2f}"),
+    ("ctx kept", "context_acceptance_rate", "{:.2f}"),
+    ("sib kept", "sibling_acceptance_rate", "{:.2f}"),
     ("=large", "exact_match_large", "{:.2f}"),
     ("prefix=large", "prefix_agreement_large", "{:.2f}"),
 )
