@@ -148,7 +148,6 @@ def test_lossy_candidates_still_decode(pair):
         ({"fallback_candidates": 1.5}, "`fallback_candidates` must be an integer >= 0 or 'auto'"),
         ({"fallback_candidates": "many"}, "`fallback_candidates` must be an integer >= 0 or 'auto'"),
         ({"fallback_candidates": VOCAB + 1}, "exceeds the vocabulary"),
-        ({"fallback_candidates": 3, "do_sample": True}, "no exact sampling rule yet"),
     ],
 )
 def test_bad_values_say_what_to_change(pair, kwargs, message):
@@ -213,8 +212,12 @@ def test_auto_checks_candidates_only_where_they_pay(pair, batch):
             assert torch.equal(alone.sequences[0], flat.sequences[b, -alone.sequences.shape[1] :])
 
 
-def test_auto_checks_the_unsure_token_alone_when_sampling(pair):
+def test_top_k_one_sampling_with_candidates_is_large_greedy(pair):
+    """top_k=1 leaves the small model one possible token: no sibling is checked, and the output is greedy."""
     causal, _ = pair
-    sampled = causal.generate(prompts(1)[0][None], generation_mode="bild", fallback_candidates="auto", do_sample=True,
-                              top_k=1, draft_costs=FLAT, rollback_threshold=0.0, max_new_tokens=8, pad_token_id=PAD)  # fmt: skip
-    assert torch.equal(sampled, stock_greedy(causal, prompts(1)[0][None], max_new_tokens=8))
+    for k in (3, "auto"):
+        out = causal.generate(prompts(1)[0][None], generation_mode="bild", fallback_candidates=k, do_sample=True,
+                              top_k=1, draft_costs=FLAT, rollback_threshold=0.0, max_new_tokens=8, pad_token_id=PAD,
+                              return_dict_in_generate=True)  # fmt: skip
+        assert torch.equal(out.sequences, stock_greedy(causal, prompts(1)[0][None], max_new_tokens=8))
+        assert sum(out.bild_stats.siblings) == 0

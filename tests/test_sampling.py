@@ -60,11 +60,11 @@ def chi_square_p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> 
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2))
 
 
-def bild_joint_counts(large, prompt, seed, **settings) -> torch.Tensor:
+def bild_joint_counts(large, prompt, seed, sampling=SAMPLING, **settings) -> torch.Tensor:
     ids = prompt.repeat(N_ROWS, 1)
     torch.manual_seed(seed)
     out = large.generate(
-        ids, generation_mode="bild", max_new_tokens=3, pad_token_id=PAD, **SAMPLING, **settings
+        ids, generation_mode="bild", max_new_tokens=3, pad_token_id=PAD, **sampling, **settings
     )
     first, second = out[:, len(prompt)], out[:, len(prompt) + 1]
     return torch.bincount(first * VOCAB + second, minlength=VOCAB * VOCAB).reshape(VOCAB, VOCAB)
@@ -75,6 +75,8 @@ def bild_joint_counts(large, prompt, seed, **settings) -> torch.Tensor:
     [
         dict(fallback_threshold=0.0, max_draft_tokens=4),  # the small model drafts every token
         dict(fallback_threshold=0.5, max_draft_tokens=1),  # fallbacks interleave with single drafts
+        dict(fallback_threshold=1.0, fallback_candidates=3),  # every round: the drawn candidate and 2 siblings
+        dict(fallback_threshold=0.5, max_draft_tokens=2, fallback_candidates=4),
     ],
 )
 def test_rollback_zero_samples_exactly_like_the_large_model(pair, prompt, settings):
@@ -102,6 +104,24 @@ def residual_forgotten(draft_ids, n_drafted, draft_probs, target_probs, rollback
     )
     from_p = policies.sample(target_probs[torch.arange(len(n_accepted)), n_accepted], generator)
     return n_accepted, is_rollback, torch.where(is_rollback, from_p, next_ids)
+
+
+FLAT_SAMPLING = dict(do_sample=True, temperature=4.0, top_k=6)  # siblings often kept, then many tokens likely
+
+
+@pytest.mark.parametrize("is_broken", [False, True])
+def test_siblings_under_sampling_are_exact_and_the_check_catches_a_greedy_token_after_one(pair, prompt, monkeypatch,
+                                                                                          is_broken):  # fmt: skip
+    """Siblings are exact because the token after a kept one is drawn from the large model's distribution
+    there; taking its most likely token instead skews the second token, and the check sees it."""
+    large, _ = pair
+    if is_broken:
+        choose = decoding.choose_sibling
+        monkeypatch.setattr(decoding, "choose_sibling", lambda *args: choose(*args[:-1], decoding.Sampling()))
+    expected = large_joint_distribution(large, prompt, **FLAT_SAMPLING)
+    counts = bild_joint_counts(large, prompt, seed=0, sampling=FLAT_SAMPLING, rollback_threshold=0.0,
+                               fallback_threshold=1.0, fallback_candidates=4)  # fmt: skip
+    assert (chi_square_p_value(counts, expected) < P_VALUE) == is_broken
 
 
 def test_the_check_catches_a_broken_acceptance_rule(pair, prompt, monkeypatch):

@@ -358,11 +358,11 @@ def draft(
             n_candidates = torch.where(is_unsure, candidates.per_row(probs, n_fed), 0)  # [B]
         is_written = is_drafting & (~is_unsure | (n_candidates > 0))
         token_ids = probs.argmax(dim=-1)  # [B]
-        if candidates.most > 1 and bool((n_candidates > 1).any()):
-            add_siblings(drafts, probs, n_candidates > 1, candidates.most, n_candidates - 1)
         if sampling.do_sample:
             draft_probs.append(probs)
             token_ids[is_written] = sample(probs[is_written], sampling.generator)
+        if candidates.most > 1 and bool((n_candidates > 1).any()):
+            add_siblings(drafts, probs, token_ids, n_candidates > 1, candidates.most, n_candidates - 1)
         state.write(is_written, state.lengths, token_ids)
         state.lengths += is_written
         drafts.has_candidate |= is_unsure & is_written
@@ -406,16 +406,20 @@ def check_context_drafts(
 
 
 def add_siblings(
-    drafts: Drafts, probs: torch.Tensor, is_unsure: torch.Tensor, most: int, n_siblings: torch.Tensor
+    drafts: Drafts, probs: torch.Tensor, candidate_ids: torch.Tensor, is_unsure: torch.Tensor, most: int,
+    n_siblings: torch.Tensor,
 ) -> None:  # fmt: skip
-    """Keep the 2nd, 3rd, ... most likely tokens of the ``is_unsure`` rows, ``n_siblings[b]`` of them (at most
-    ``most - 1``; greedy: the 1st is the candidate)."""
+    """Keep, for the ``is_unsure`` rows, ``n_siblings[b]`` (at most ``most - 1``) of the small model's most likely
+    tokens other than the candidate written there (greedy: its 1st; sampling: the one drawn)."""
     if drafts.siblings is None:
         drafts.siblings = torch.zeros(len(probs), most - 1, dtype=torch.long, device=probs.device)
         drafts.n_siblings = torch.zeros(len(probs), dtype=torch.long, device=probs.device)
     top = probs.topk(most, dim=-1)  # [B, K]
-    n_possible = torch.minimum((top.values[:, 1:] > 0).sum(dim=-1), n_siblings)  # never a token ruled out
-    drafts.siblings[is_unsure] = top.indices[is_unsure, 1:]
+    is_candidate = top.indices == candidate_ids[:, None]
+    order = is_candidate.long().argsort(dim=1, stable=True)[:, : most - 1]  # the candidate, if among them, last
+    others, other_probs = top.indices.gather(1, order), top.values.gather(1, order)  # [B, K - 1]
+    n_possible = torch.minimum((other_probs > 0).sum(dim=-1), n_siblings)  # never a token ruled out
+    drafts.siblings[is_unsure] = others[is_unsure]
     drafts.n_siblings[is_unsure] = n_possible[is_unsure]
 
 
@@ -501,14 +505,20 @@ def find_rollback_point(
             after_ids = target_ids.gather(1, after).squeeze(1)
         n_accepted = n_accepted + is_kept.long()
         next_ids = torch.where(is_kept, after_ids, next_ids)
-    if drafts.has_siblings:  # greedy only (checked before decoding)
-        n_accepted, next_ids = choose_sibling(drafts, n_accepted, is_rollback, is_kept, next_ids)
+    if drafts.has_siblings:
+        n_accepted, next_ids = choose_sibling(drafts, n_accepted, is_rollback, is_kept, next_ids, sampling)
     return n_accepted, is_rollback, next_ids
 
 
-def choose_sibling(drafts: Drafts, n_accepted, is_rollback, is_kept, next_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_sibling(
+    drafts: Drafts, n_accepted, is_rollback, is_kept, next_ids, sampling: Sampling
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Where every draft stood and the unsure token did not, keep the sibling that is the large model's own
-    choice there (if any); the large model's token after that sibling then comes free."""
+    token there (if any); the large model's token after that sibling then comes free.
+
+    Exact under sampling too: ``next_ids`` was drawn from the large model's distribution whatever the
+    siblings were, and the token after a kept sibling is drawn from its distribution after that sibling.
+    """
     n_tree = drafts.siblings.shape[1]
     is_real = torch.arange(n_tree, device=next_ids.device) < drafts.n_siblings[:, None]  # [B, S]
     is_match = is_real & (drafts.siblings == next_ids[:, None])  # at most one: siblings are distinct
@@ -516,7 +526,13 @@ def choose_sibling(drafts: Drafts, n_accepted, is_rollback, is_kept, next_ids) -
     is_chosen = is_open & is_match.any(dim=1)  # [B]
     kept = torch.where(is_chosen, is_match.int().argmax(dim=1), -1)  # [B]
     drafts.kept_sibling = kept
-    after_ids = drafts.sibling_scores.argmax(dim=-1).gather(1, kept.clamp(min=0)[:, None]).squeeze(1)
+    after_scores = drafts.sibling_scores[torch.arange(len(kept), device=kept.device), kept.clamp(min=0)]  # [B, V]
+    if sampling.do_sample:
+        after_ids = next_ids.clone()
+        if bool(is_chosen.any()):
+            after_ids[is_chosen] = sample(after_scores[is_chosen].softmax(dim=-1), sampling.generator)
+    else:
+        after_ids = after_scores.argmax(dim=-1)
     return n_accepted + is_chosen.long(), torch.where(is_chosen, after_ids, next_ids)
 
 
@@ -765,7 +781,7 @@ def decode(
     ``output_scores`` / ``output_logits``: also return the large model's scores / logits at every step.
     """
     sampling = sampling or Sampling()
-    check_candidates(settings, sampling, large_model, small_model, rules.vocab_size)
+    check_candidates(settings, large_model, small_model, rules.vocab_size)
     outputs = dict(output_scores=output_scores, output_logits=output_logits)
     if inputs.input_ids.shape[0] == 1 or (can_batch_rows(large_model) and can_batch_rows(small_model)):
         return decode_batch(large_model, small_model, inputs, rules, settings, sampling, streamer, **outputs)
@@ -801,7 +817,7 @@ def decode_batch(
     state = BatchState.from_prompts(inputs.input_ids, inputs.attention_mask, rules.max_length, rules.pad_token_id)
     large, small, caches = build_decoders(large_model, small_model, inputs, rules.vocab_size, batch_size)
     schedule = DraftSchedule(batch_size, device, *draft_caps(settings, large_model, small_model))
-    schedule.candidates = candidate_rule(settings, sampling, large_model, small_model, schedule.costs)
+    schedule.candidates = candidate_rule(settings, large_model, small_model, schedule.costs)
     outputs = None
     if output_scores or output_logits:
         outputs = StepOutputs(prompt_length, rules.pad_token_id, output_scores, output_logits)
@@ -818,21 +834,18 @@ def decode_batch(
     return DecodeResult(sequences, state.stats.tolist(), caches, scores=scores, logits=logits)
 
 
-def candidate_rule(settings: BildSettings, sampling: Sampling, large_model, small_model, costs) -> CandidateRule:
+def candidate_rule(settings: BildSettings, large_model, small_model, costs) -> CandidateRule:
     """The candidates of an unsure position: a fixed number, or ("auto") those that pay under ``costs`` (the
     pair's, when the schedule has none), the unsure token alone where siblings cannot be checked."""
     if settings.fallback_candidates != AUTO:
         return CandidateRule(settings.n_candidates)
-    most = 1 if sibling_obstacle(sampling, large_model, small_model) else settings.n_candidates
+    most = 1 if sibling_obstacle(large_model, small_model) else settings.n_candidates
     return CandidateRule(most, costs or pair_costs(settings, large_model, small_model))
 
 
-def sibling_obstacle(sampling: Sampling, large_model, small_model) -> str | None:
-    """Why siblings of an unsure token cannot be checked in this call, or None: they need greedy decoding, a
-    large model that takes explicit positions (decoder-only with position_ids, or T5-family), and a drafter
-    apart from it."""
-    if sampling.do_sample:
-        return "fallback_candidates > 1 has no exact sampling rule yet: with do_sample=True"
+def sibling_obstacle(large_model, small_model) -> str | None:
+    """Why siblings of an unsure token cannot be checked for this pair, or None: they need a large model that
+    takes explicit positions (decoder-only with position_ids, or T5-family) and a drafter apart from it."""
     if not (has_relative_positions(large_model) or takes_forward_arg(large_model, "position_ids")):
         return (
             f"fallback_candidates > 1 checks siblings at one position through explicit positions, which "
@@ -844,17 +857,16 @@ def sibling_obstacle(sampling: Sampling, large_model, small_model) -> str | None
     return None
 
 
-def check_candidates(settings: BildSettings, sampling: Sampling, large_model, small_model, vocab_size: int) -> None:
+def check_candidates(settings: BildSettings, large_model, small_model, vocab_size: int) -> None:
     """A fixed ``fallback_candidates`` > 1 must fit the vocabulary and a call that can check siblings."""
     k = settings.fallback_candidates
     if k == AUTO or k <= 1:
         return
     if k > vocab_size:
         raise ValueError(f"fallback_candidates={k} exceeds the vocabulary ({vocab_size} tokens): use at most {vocab_size}.")
-    obstacle = sibling_obstacle(sampling, large_model, small_model)
+    obstacle = sibling_obstacle(large_model, small_model)
     if obstacle:
-        separator = ", " if sampling.do_sample else ": "
-        raise ValueError(f"{obstacle}{separator}use fallback_candidates=1 (the unsure token alone), or 0.")
+        raise ValueError(f"{obstacle}: use fallback_candidates=1 (the unsure token alone), or 0.")
 
 
 def build_decoders(large_model, small_model, inputs: DecoderInputs, vocab_size: int, batch_size: int):
