@@ -32,6 +32,16 @@ whatever the policy) under the pair's measured forward costs on two machine kind
 
 ``--validate`` also runs the real loop (plain and +c3) on every example and compares its ``bild_stats``
 with the simulated counts of the same example.
+
+``--candidates`` also asks which of the small model's top tokens to check at an unsure position: fixed K
+(``+cK``), candidate j >= 2 while ``q_j >= tau`` (``+c<=8 q>=tau``), or while ``q_j * v >=`` the extra cost of
+one more verified token under a machine's costs (``q*v>=dcost [machine]``; v = 1 at most 4 is
+``fallback_candidates="auto"``, and counts as the loop does: tests/test_simulate_rounds.py), with the
+candidates checked per unsure round; and the small model's calibration at the unsure positions plain's rounds
+reach on the path: per rank j, mean q_j against how often the large model's token is the j-th, and the same
+by bins of q_j. ``--traces FILE`` writes the traces (or reads them when FILE exists, loading no model), so
+new policies are counted again in seconds. Context drafts (prompt lookup) are not simulated: where the small
+model agrees with a wrong context draft it drafts on from an off-path prefix no forward here has seen.
 """
 
 from __future__ import annotations
@@ -76,21 +86,51 @@ COSTS = {
 @dataclass(frozen=True)
 class Policy:
     """How a round drafts: K candidates at an unsure position, stop at the n-th unsure token, M tokens past
-    each candidate (``stop_past``: past drafts stop at their own unsure token)."""
+    each candidate (``stop_past``: past drafts stop at their own unsure token).
+
+    With a rule, ``k`` is the most candidates and candidate j (1-based, small-model probability q_j, in order)
+    is checked while: ``tau``: j = 1 or q_j >= tau; ``value``: q_j * value >= the extra cost of verifying one
+    more token in the round's large forward under ``COSTS[machine]`` (value 1, at most 4: ``fallback_candidates=
+    "auto"``, `bild.schedule.CandidateRule`); 0 candidates drop the unsure token (the paper's rule).
+    """
 
     k: int = 1
     n_unsure: int = 1
     m_past: int = 0
     stop_past: bool = False
+    tau: float | None = None
+    value: float | None = None
+    machine: str | None = None
 
     @property
     def name(self) -> str:
+        if self.tau is not None:
+            return f"+c<={self.k} q>={self.tau:g}"
+        if self.value is not None:
+            return f"+c<={self.k} q*{self.value:g}>=dcost [{self.machine}]"
         name = "plain" if self.k == 1 and not self.m_past else f"+c{self.k}"
         if self.m_past:
             name += f"+p{self.m_past}" + ("s" if self.stop_past else "")
         if self.n_unsure > 1:
             name += f" chain{self.n_unsure}"
         return name
+
+    def n_candidates(self, probs: list[float], n_fed: int) -> int:
+        """Candidates checked at an unsure position with top probabilities ``probs``, when the large forward
+        would otherwise read ``n_fed`` tokens (the round's drafts before it, and the large model's previous one)."""
+        if self.tau is None and self.value is None:
+            return self.k
+        costs = COSTS[self.machine] if self.value is not None else None
+        n = 0
+        for j, q in enumerate(probs[: self.k], start=1):
+            if self.tau is not None:
+                pays = j == 1 or q >= self.tau
+            else:
+                pays = q * self.value >= costs.large_cost(n_fed + j) - costs.large_cost(n_fed + j - 1)
+            if not pays:
+                break
+            n = j
+        return n
 
 
 POLICIES = (
@@ -105,6 +145,13 @@ POLICIES = (
     Policy(3, n_unsure=2),
     Policy(3, n_unsure=3),
 )
+# --candidates: which of the small model's top tokens to check at an unsure position
+CANDIDATE_POLICIES = (
+    *(Policy(k) for k in (1, 2, 3, 4, 6, 8)),
+    *(Policy(K_MAX, tau=tau) for tau in (0.2, 0.1, 0.05, 0.02, 0.01)),  # tau 0 is +c8
+    *(Policy(k, value=v, machine=m) for m in COSTS for k, v in ((4, 1), (K_MAX, 1), (K_MAX, 2), (K_MAX, 4))),
+)
+Q_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5)  # calibration bins of q_j (an unsure position's q_1 < 0.5)
 
 
 @dataclass
@@ -113,17 +160,31 @@ class Trace:
 
     y: the large model's tokens (at least ``n_end``; past it where a stop string ended the output early).
     n_end: tokens in the output. limit: max_new_tokens.
-    top: `(T, K_MAX)` the small model's top tokens at position t given ``y[:t]``; maxp: its top probability.
+    top: `(T, K_MAX)` the small model's top tokens at position t given ``y[:t]``; probs: their probabilities.
     rollouts: for each t whose top token is not y[t]: the small model's own steps after it, each
-        ``(top tokens, top probability)``, drafting one token at a time as the loop does.
+        ``(top tokens, their probabilities)``, drafting one token at a time as the loop does.
     """
 
     y: list[int]
     n_end: int
     limit: int
     top: list[list[int]]
-    maxp: list[float]
-    rollouts: dict[int, list[tuple[list[int], float]]] = field(default_factory=dict)
+    probs: list[list[float]]
+    rollouts: dict[int, list[tuple[list[int], list[float]]]] = field(default_factory=dict)
+
+    @property
+    def maxp(self) -> list[float]:
+        return [p[0] for p in self.probs]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Trace:
+        rollouts = {
+            int(t): [(top, probs) for top, probs in steps] for t, steps in data.pop("rollouts").items()
+        }
+        return cls(**data, rollouts=rollouts)
 
 
 @dataclass
@@ -139,8 +200,12 @@ class Counts:
     siblings: int = 0
     small_rows: int = 0  # small forwards weighted by the rows (tokens) each reads
     verified: int = 0  # tokens fed to the large model, its previous token included (prompt prefill excluded)
+    candidates: int = 0  # tokens checked at unsure positions (the unsure token and its siblings)
     large_fed: list[int] = field(default_factory=list, repr=False)  # per large forward
     small_fed: list[int] = field(default_factory=list, repr=False)  # per small forward
+    # per round that ends unsure on the path (its drafts before right): (top probabilities, rank of the large
+    # model's token among the top tokens, 1-based; 0: not among them)
+    unsure_on_path: list[tuple[list[float], int]] = field(default_factory=list, repr=False)
 
     def add(self, other: Counts) -> None:
         for name, value in asdict(other).items():
@@ -172,8 +237,9 @@ def trace(small, prompt_ids: torch.Tensor, y: list[int], n_end: int, limit: int,
     cache = new_cache(small)
     out = small(input_ids=ids, use_cache=True, logits_to_keep=len(y), **{cache_kwarg(small): cache})
     logits = out.logits[0, -len(y) :]  # position t predicts y[t] from prompt + y[:t]
-    top, maxp = _top(logits[:, :vocab_size])
-    result = Trace(list(y), n_end, limit, top, maxp)
+    top, probs = _top(logits[:, :vocab_size])
+    maxp = [p[0] for p in probs]
+    result = Trace(list(y), n_end, limit, top, probs)
     for t in range(len(y)):
         first = top[t][0]
         if first == y[t] or first in eos_ids or t + 1 >= limit:
@@ -184,20 +250,20 @@ def trace(small, prompt_ids: torch.Tensor, y: list[int], n_end: int, limit: int,
         for _ in range(t + 1, min(limit, t + cap)):
             out = small(input_ids=torch.tensor([[token]], device=ids.device), use_cache=True,
                         **{cache_kwarg(small): branch})  # fmt: skip
-            step_top, step_maxp = _top(out.logits[0, -1:, :vocab_size])
-            steps.append((step_top[0], step_maxp[0]))
+            step_top, step_probs = _top(out.logits[0, -1:, :vocab_size])
+            steps.append((step_top[0], step_probs[0]))
             token = step_top[0][0]
-            n_seen_unsure += step_maxp[0] < threshold
+            n_seen_unsure += step_probs[0][0] < threshold
             if token in eos_ids or n_seen_unsure >= n_unsure:
                 break
         result.rollouts[t] = steps
     return result
 
 
-def _top(logits: torch.Tensor) -> tuple[list[list[int]], list[float]]:
+def _top(logits: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
     probs = logits.float().softmax(dim=-1)
     values, indices = probs.topk(K_MAX, dim=-1)
-    return indices.tolist(), values[:, 0].tolist()
+    return indices.tolist(), values.tolist()
 
 
 def simulate(
@@ -205,7 +271,7 @@ def simulate(
 ) -> Counts:
     """The rounds of ``policy`` on one example: counted as the loop counts them (`bild.BildStats`)."""
     c = Counts(generated=tr.n_end)
-    y, k = tr.y, policy.k
+    y = tr.y
     s = 0
     while s < tr.n_end:
         written = []  # (position, top tokens, unsure, right): the round's drafts, in order
@@ -215,15 +281,19 @@ def simulate(
             if t >= tr.limit:
                 break
             if off is None:
-                top, maxp = tr.top[t], tr.maxp[t]
+                top, probs = tr.top[t], tr.probs[t]
             else:
-                top, maxp = tr.rollouts[off][t - off - 1]
+                top, probs = tr.rollouts[off][t - off - 1]
             c.small_forwards += 1
             c.small_fed.append(1)
             right = off is None and top[0] == y[t]
-            unsure = maxp < threshold
+            unsure = probs[0] < threshold
             n_unsure += unsure
-            written.append((t, top, unsure, right))
+            k = policy.n_candidates(probs, len(written) + 1) if unsure else 0
+            if unsure and off is None and t < tr.n_end:
+                c.unsure_on_path.append((probs, top.index(y[t]) + 1 if y[t] in top else 0))
+            if k or not unsure:
+                written.append((t, top, k, right))
             if off is None and not right:
                 off = t
             if unsure and n_unsure == policy.n_unsure:
@@ -232,23 +302,25 @@ def simulate(
             if top[0] in eos_ids:
                 break
             t += 1
-        n_leaves = (k - 1) * sum(w[2] for w in written) if k > 1 else 0
+        n_leaves = sum(max(w[2] - 1, 0) for w in written)
+        c.candidates += sum(w[2] for w in written)
+        k = written[-1][2] if written else 0
         past = 0  # tokens drafted past the last candidate (each of its K rows)
-        if ends_unsure and policy.m_past:
+        if ends_unsure and policy.m_past and k:
             past = min(policy.m_past, tr.limit - written[-1][0] - 1)
             c.small_forwards += past
             c.small_fed += [k] * past
         # verification: keep drafts up to the first wrong one; a leaf (or candidate) equal to the large
         # model's token there is kept too, and the token after it (or after its continuation) comes free
         n_tokens = len(written) + 1
-        for i, (pos, top, unsure, right) in enumerate(written):
+        for i, (pos, top, n_checked, right) in enumerate(written):
             is_last = i == len(written) - 1
             if right and not is_last:
                 continue
-            in_top = unsure and y[pos] in top[:k] if pos < len(y) else False
+            in_top = y[pos] in top[:n_checked] if pos < len(y) else False
             if not right and not in_top:
                 n_tokens = i + 1
-            elif is_last and ends_unsure and policy.m_past:
+            elif is_last and ends_unsure and policy.m_past and n_checked:
                 n_tokens = i + 2 + continuation(tr, pos, past, policy.stop_past, eos_ids, threshold)
             else:
                 n_tokens = i + 2
@@ -273,7 +345,7 @@ def continuation(tr: Trace, pos: int, m: int, stop: bool, eos_ids: set[int], thr
         if u >= len(tr.y) or tr.top[u][0] != tr.y[u]:
             break
         n += 1
-        if tr.y[u] in eos_ids or (stop and tr.maxp[u] < threshold):
+        if tr.y[u] in eos_ids or (stop and tr.probs[u][0] < threshold):
             break
     return n
 
@@ -323,29 +395,57 @@ def example_trace(large, small, prompt_ids, max_new_tokens, eos_ids, pad_id, voc
     return tr, real
 
 
-def summarize(counts: dict[str, Counts]) -> list[dict]:
+def summarize(counts: dict[str, Counts], policies=POLICIES) -> list[dict]:
     rows = []
-    for name, c in counts.items():
+    for policy in policies:
+        c = counts[policy.name]
         row = {
-            "policy": name,
+            "policy": policy.name,
             "tok/L fwd": c.generated / c.large_forwards,
             "S fwd/tok": c.small_forwards / c.generated,
             "S rows/tok": c.small_rows / c.generated,
             "verified/L fwd": c.verified / c.large_forwards,
             "fallback": c.fallbacks / c.large_forwards,
         }
+        if policies is not POLICIES:
+            row["cand/unsure round"] = c.candidates / max(c.fallbacks, 1)
         for machine, costs in COSTS.items():
-            row[f"speedup {machine}"] = 1 / c.time_per_token(costs)
+            # a rule priced for one machine's costs is projected on that machine only
+            row[f"speedup {machine}"] = (
+                "-" if policy.machine not in (None, machine) else 1 / c.time_per_token(costs)
+            )
         rows.append(row)
     return rows
+
+
+def calibration(records: list[tuple[list[float], int]]) -> tuple[list[dict], list[dict]]:
+    """At unsure positions on the path: per rank j, mean q_j and how often the large model's token is the
+    j-th; per bin of q_j, mean q_j and that hit rate, all ranks pooled and ranks >= 2 only."""
+    n = max(len(records), 1)
+    by_rank = [{"rank": j + 1, "n": len(records), "mean q": sum(p[j] for p, _ in records) / n,
+                "hit rate": sum(rank == j + 1 for _, rank in records) / n} for j in range(K_MAX)]  # fmt: skip
+    by_rank.append({"rank": "none of 8", "n": len(records), "mean q": sum(1 - sum(p) for p, _ in records) / n,
+                    "hit rate": sum(rank == 0 for _, rank in records) / n})  # fmt: skip
+    by_bin = []
+    for lo, hi in zip(Q_BINS, Q_BINS[1:], strict=False):
+        row = {"q bin": f"[{lo:g}, {hi:g})"}
+        for label, first in (("all", 0), ("rank>=2", 1)):
+            cells = [
+                (p[j], rank == j + 1) for p, rank in records for j in range(first, K_MAX) if lo <= p[j] < hi
+            ]
+            row[f"n {label}"] = len(cells)
+            row[f"mean q {label}"] = sum(q for q, _ in cells) / len(cells) if cells else float("nan")
+            row[f"hit {label}"] = sum(hit for _, hit in cells) / len(cells) if cells else float("nan")
+        by_bin.append(row)
+    return by_rank, by_bin
 
 
 def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|---|" + "---:|" * (len(keys) - 1)]
     for row in rows:
-        cells = [row[k] if isinstance(row[k], str) else f"{row[k]:.3f}" if k != "tok/L fwd" else f"{row[k]:.2f}"
-                 for k in keys]  # fmt: skip
+        cells = [row[k] if isinstance(row[k], str) else str(row[k]) if isinstance(row[k], int)
+                 else f"{row[k]:.3f}" if k != "tok/L fwd" else f"{row[k]:.2f}" for k in keys]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -359,11 +459,87 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--validate", action="store_true", help="also run the real loop (plain, +c3) and compare"
     )
     parser.add_argument("--json", help="write the counts and the table here")
+    parser.add_argument(
+        "--candidates", action="store_true",
+        help="also: the small model's calibration at unsure positions, and which candidates to check (fixed K, "
+        "q_j >= tau, q_j * v >= the extra cost of one more verified token)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--traces", help="a JSON file of the traces: read when it exists (no model is loaded), else written"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.traces and Path(args.traces).exists():
+        if args.validate:
+            raise SystemExit("--validate runs the models: give --traces a file that does not exist yet")
+        data = json.loads(Path(args.traces).read_text(encoding="utf-8"))
+        dtype, eos_ids = data["dtype"], set(data["eos_ids"])
+        traces = [(index, Trace.from_json(tr), {}) for index, tr in data["traces"]]
+        if args.limit is not None:
+            traces = traces[: args.limit]
+    else:
+        dtype, eos_ids, traces = run_models(args)
+        if args.traces:
+            Path(args.traces).write_text(json.dumps({
+                "config": args.config, "dtype": str(dtype), "eos_ids": sorted(eos_ids),
+                "traces": [(index, tr.to_json()) for index, tr, _ in traces],
+            }) + "\n", encoding="utf-8")  # fmt: skip
+
+    policies = (
+        POLICIES + tuple(p for p in CANDIDATE_POLICIES if p not in POLICIES) if args.candidates else POLICIES
+    )
+    counts = {p.name: Counts() for p in policies}
+    validation = []
+    for index, tr, real in traces:
+        for policy in policies:
+            counts[policy.name].add(simulate(tr, policy, eos_ids))
+        for name, (stats, same_output) in real.items():
+            simulated = simulate(tr, next(p for p in POLICIES if p.name == name), eos_ids).stats()
+            diff = {key: (stats[key], value) for key, value in simulated.items() if stats[key] != value}
+            validation.append({"example": index, "policy": name, "same_output": same_output,
+                               "real_vs_simulated": diff})  # fmt: skip
+
+    rows = summarize(counts)
+    print(f"{args.config}: {len(traces)} examples, {dtype}, fallback {THRESHOLD}, cap {CAP}, lossless")
+    print(markdown(rows))
+    result = {"config": args.config, "dtype": str(dtype), "n_examples": len(traces), "table": rows}
+    if args.candidates:
+        candidate_rows = summarize(counts, CANDIDATE_POLICIES)
+        by_rank, by_bin = calibration(counts[Policy(1).name].unsure_on_path)
+        print(
+            f"\ncandidates at an unsure position (at most {K_MAX}; 'cand/unsure round': tokens checked there)"
+        )
+        print(markdown(candidate_rows))
+        print(
+            f"\ncalibration: the {len(counts[Policy(1).name].unsure_on_path)} rounds of plain that "
+            "end unsure on the path; rank j's q_j against how often the large model's token is the j-th"
+        )
+        print(markdown(by_rank))
+        print(markdown(by_bin))
+        result |= {"candidates": candidate_rows, "calibration_by_rank": by_rank, "calibration_by_bin": by_bin}
+    if args.validate:
+        bad = [v for v in validation if v["real_vs_simulated"] or not v["same_output"]]
+        print(
+            f"validation: {len(validation) - len(bad)} of {len(validation)} (example, policy) pairs match exactly"
+        )
+        for v in bad:
+            print(f"  example {v['example']} {v['policy']}: same output {v['same_output']}, "
+                  f"(real, simulated) {v['real_vs_simulated']}")  # fmt: skip
+    if args.json:
+        result |= {
+            "counts": {name: c.stats() | {"small_rows": c.small_rows, "verified": c.verified,
+                                          "candidates": c.candidates} for name, c in counts.items()},
+            "validation": validation,
+        }  # fmt: skip
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> tuple[torch.dtype, set[int], list[tuple[int, Trace, dict]]]:
+    """Load the config's pair and trace each example: ``(dtype, EOS ids, [(example index, trace, real stats)])``."""
     import bild
     from bild.bench.bench_config import load_config
     from bild.bench.loading import load_pair, make_batches
@@ -394,40 +570,12 @@ def main(argv=None) -> int:
     criteria = stop_string_criteria(pair, config.stop_strings)
     eos_ids = set(pair.eos_token_ids)
     vocab = min(vocab_size(pair.large), vocab_size(pair.small))
-
-    counts = {p.name: Counts() for p in POLICIES}
-    validation = []
+    traces = []
     for batch in tqdm(batches, desc=Path(args.config).stem, unit="example", file=sys.stderr):
-        prompt_ids = batch.inputs["input_ids"]
-        tr, real = example_trace(pair.large, pair.small, prompt_ids, config.max_new_tokens, eos_ids,
+        tr, real = example_trace(pair.large, pair.small, batch.inputs["input_ids"], config.max_new_tokens, eos_ids,
                                  pair.pad_token_id, vocab, criteria, args.validate)  # fmt: skip
-        for policy in POLICIES:
-            counts[policy.name].add(simulate(tr, policy, eos_ids))
-        for name, (stats, same_output) in real.items():
-            simulated = simulate(tr, next(p for p in POLICIES if p.name == name), eos_ids).stats()
-            diff = {key: (stats[key], value) for key, value in simulated.items() if stats[key] != value}
-            validation.append({"example": batch.indices[0], "policy": name, "same_output": same_output,
-                               "real_vs_simulated": diff})  # fmt: skip
-
-    rows = summarize(counts)
-    print(f"{args.config}: {len(batches)} examples, {dtype}, fallback {THRESHOLD}, cap {CAP}, lossless")
-    print(markdown(rows))
-    if args.validate:
-        bad = [v for v in validation if v["real_vs_simulated"] or not v["same_output"]]
-        print(
-            f"validation: {len(validation) - len(bad)} of {len(validation)} (example, policy) pairs match exactly"
-        )
-        for v in bad:
-            print(f"  example {v['example']} {v['policy']}: same output {v['same_output']}, "
-                  f"(real, simulated) {v['real_vs_simulated']}")  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "config": args.config, "dtype": str(dtype), "n_examples": len(batches), "table": rows,
-            "counts": {name: c.stats() | {"small_rows": c.small_rows, "verified": c.verified}
-                       for name, c in counts.items()},
-            "validation": validation,
-        }, indent=2) + "\n", encoding="utf-8")  # fmt: skip
-    return 0
+        traces.append((batch.indices[0], tr, real))
+    return dtype, eos_ids, traces
 
 
 if __name__ == "__main__":
