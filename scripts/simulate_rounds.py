@@ -418,6 +418,17 @@ def summarize(counts: dict[str, Counts], policies=POLICIES) -> list[dict]:
     return rows
 
 
+def unsure_positions(traces: list[Trace], threshold: float = THRESHOLD) -> list[tuple[list[float], int]]:
+    """``(top probabilities, rank of the large model's token)`` at every position of the texts where the small
+    model is unsure (reached by a round or not: the text's tokens there come free after a wrong or checked one)."""
+    return [
+        (tr.probs[t], tr.top[t].index(tr.y[t]) + 1 if tr.y[t] in tr.top[t] else 0)
+        for tr in traces
+        for t in range(tr.n_end)
+        if tr.probs[t][0] < threshold
+    ]
+
+
 def calibration(records: list[tuple[list[float], int]]) -> tuple[list[dict], list[dict]]:
     """At unsure positions on the path: per rank j, mean q_j and how often the large model's token is the
     j-th; per bin of q_j, mean q_j and that hit rate, all ranks pooled and ranks >= 2 only."""
@@ -454,6 +465,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a bench config (configs/variants/qwen-coder-*.yaml)")
     parser.add_argument("--limit", type=int, help="first N of the config's examples")
+    parser.add_argument(
+        "--skip", type=int, help="start at this example instead of the config's skip (--limit N: N)"
+    )
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where native) | float32 | bfloat16")
     parser.add_argument(
         "--validate", action="store_true", help="also run the real loop (plain, +c3) and compare"
@@ -508,18 +522,23 @@ def main(argv=None) -> int:
     result = {"config": args.config, "dtype": str(dtype), "n_examples": len(traces), "table": rows}
     if args.candidates:
         candidate_rows = summarize(counts, CANDIDATE_POLICIES)
-        by_rank, by_bin = calibration(counts[Policy(1).name].unsure_on_path)
         print(
             f"\ncandidates at an unsure position (at most {K_MAX}; 'cand/unsure round': tokens checked there)"
         )
         print(markdown(candidate_rows))
-        print(
-            f"\ncalibration: the {len(counts[Policy(1).name].unsure_on_path)} rounds of plain that "
-            "end unsure on the path; rank j's q_j against how often the large model's token is the j-th"
-        )
-        print(markdown(by_rank))
-        print(markdown(by_bin))
-        result |= {"candidates": candidate_rows, "calibration_by_rank": by_rank, "calibration_by_bin": by_bin}
+        result["candidates"] = candidate_rows
+        samples = {
+            "rounds": ("the rounds of plain that end unsure on the path", counts[Policy(1).name].unsure_on_path),
+            "positions": ("every position of the text where the small model is unsure", unsure_positions(
+                [tr for _, tr, _ in traces])),
+        }  # fmt: skip
+        for key, (label, records) in samples.items():
+            by_rank, by_bin = calibration(records)
+            print(f"\ncalibration at {label} ({len(records)}): q_j against how often the large model's token "
+                  "is the j-th")  # fmt: skip
+            print(markdown(by_rank))
+            print(markdown(by_bin))
+            result[f"calibration_{key}"] = {"by_rank": by_rank, "by_bin": by_bin, "records": records}
     if args.validate:
         bad = [v for v in validation if v["real_vs_simulated"] or not v["same_output"]]
         print(
@@ -553,8 +572,14 @@ def run_models(args: argparse.Namespace) -> tuple[torch.dtype, set[int], list[tu
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     task = get_task(config.task)
-    n = config.limit if args.limit is None else min(args.limit, config.limit or args.limit)
-    examples = task.load(config.data, config.skip + n)[config.skip :]
+    if args.skip is None:
+        skip, n = (
+            config.skip,
+            config.limit if args.limit is None else min(args.limit, config.limit or args.limit),
+        )
+    else:  # other examples than the config's
+        skip, n = args.skip, args.limit or config.limit
+    examples = task.load(config.data, skip + n)[skip:]
     device = resolve_device(config.device)
     dtype = resolve_dtype(args.dtype, device)
     # stock kernels (fit_kernels and dense prefill would time layers); the drafter int4 as in the config,
