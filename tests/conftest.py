@@ -116,21 +116,27 @@ def s2s(seq2seq_pair):
     bild.detach(large)
 
 
+def bart(d_model: int, layers: int, seed: int) -> BartForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
+        bos_token_id=BOS, decoder_start_token_id=EOS, forced_eos_token_id=None, attn_implementation="eager",
+    )  # fmt: skip
+    return BartForConditionalGeneration(config).eval()
+
+
 @pytest.fixture(scope="session")
 def bart_pair():
     """(large, small) untrained BART pair: random weights are fine for exact-equality oracles."""
-
-    def bart(d_model, layers, seed):
-        torch.manual_seed(seed)
-        config = BartConfig(
-            vocab_size=VOCAB, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
-            decoder_ffn_dim=2 * d_model, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
-            bos_token_id=BOS, decoder_start_token_id=EOS, forced_eos_token_id=None, attn_implementation="eager",
-        )  # fmt: skip
-        return BartForConditionalGeneration(config).eval()
-
     return bart(64, 2, 0), bart(32, 1, 1)
+
+
+@pytest.fixture(scope="session")
+def trained_bart():
+    """A BART model mapping each source token to its chain successor (an untrained one repeats one token)."""
+    return train(bart(64, 2, seed=0), translation_batches(CHAIN), steps=150, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CHAIN, EOS, PAD, VOCAB, left_pad, prompts, sample_chain
+from conftest import CHAIN, PAD, VOCAB, left_pad, prompts, sample_chain
 
 import bild
 from bild.schedule import DraftCosts
@@ -180,19 +180,24 @@ def test_encoder_decoder_lossless_for_every_k_and_batch_rows_equal_rows_alone(se
             assert alone.bild_stats.to_dict() == tree.row(b).to_dict()
 
 
-def test_absolute_position_encoder_decoders_are_told_to_use_one_candidate(bart_pair):
-    large, small = bart_pair
-    bild.attach(large, small)
-    src = torch.tensor([[5, 9, 12, 30, 7, EOS]])
-    try:
-        with pytest.raises(ValueError, match="fallback_candidates=1"):
-            large.generate(src, generation_mode="bild", fallback_candidates=3, max_new_tokens=4, do_sample=False)
-        out = large.generate(src, generation_mode="bild", fallback_candidates="auto", draft_costs=FLAT, num_beams=1,
-                             rollback_threshold=0.0, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)  # fmt: skip
-        assert torch.equal(out.sequences, large.generate(src, max_new_tokens=10, do_sample=False, num_beams=1))
-        assert sum(out.bild_stats.siblings) == 0  # auto checks the unsure token alone there
-    finally:
-        bild.detach(large)
+@pytest.mark.parametrize(("k", "fallback_threshold"), [(3, 1.0), ("auto", 1.0), (3, 0.7)])
+def test_absolute_position_encoder_decoders_lossless_and_logits_after_a_sibling(trained_bart, k, fallback_threshold):
+    """BART (rows decoded alone): siblings get the unsure token's position embedding; after a kept one the
+    cache closes the gap it left, so the next tokens get theirs too."""
+    large = copy.deepcopy(trained_bart)
+    bild.attach(large, noisy_copy(large, scale=2.0))
+    src = sample_chain(CHAIN, 2, 10, torch.Generator().manual_seed(8))
+    src[1, 6:] = PAD
+    mask = (src != PAD).long()
+    settings = dict(max_new_tokens=16, num_beams=1, output_logits=True)
+    stock = large.generate(src, attention_mask=mask, do_sample=False, return_dict_in_generate=True, **settings)
+    out = generate(large, src, mask, fallback_threshold=fallback_threshold, fallback_candidates=k, draft_costs=FLAT,
+                   max_draft_tokens=2, **settings)  # fmt: skip
+    assert torch.equal(out.sequences, stock.sequences)
+    assert sum(out.bild_stats.siblings_kept) > 0
+    if fallback_threshold < 1:  # rounds without siblings come after kept ones
+        assert sum(out.bild_stats.fallbacks) < sum(out.bild_stats.large_forwards)
+    assert_same_steps(out.logits, stock.logits)
 
 
 @pytest.mark.parametrize("batch", [1, 6])

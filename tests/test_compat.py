@@ -9,6 +9,7 @@ import torch
 from conftest import EOS, PAD, prompts
 
 from bild.compat import (
+    absolute_positions,
     cache_kwarg,
     crop_cache,
     gather_cache_slots,
@@ -101,6 +102,27 @@ def test_t5_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(s
     mask = tree_attention_mask(large, allowed[None])
     with torch.inference_mode():
         with relative_positions(large, positions, positions):
+            tree = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
+        by_slot = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
+        for j, sibling in enumerate(siblings):
+            alone = large(src, decoder_input_ids=torch.cat([path[:, :3], torch.tensor([[sibling]])], dim=1)).logits
+            torch.testing.assert_close(tree[0, 4 + j], alone[0, 3], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(by_slot[0, 4 + j], alone[0, 3], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tree[0, :4], large(src, decoder_input_ids=path).logits[0])
+
+
+def test_bart_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(bart_pair):
+    """absolute_positions: the same for a BART decoder, whose position embeddings follow the cache length."""
+    large = copy.deepcopy(bart_pair[0])
+    src = torch.tensor([[5, 9, 12, 30, 7, EOS]])
+    path = torch.tensor([[EOS, 9, 14, 21]])
+    siblings = [30, 11]
+    ids = torch.cat([path, torch.tensor([siblings])], dim=1)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed[4:, 3:] = torch.eye(6, dtype=torch.bool)[4:, 3:]
+    mask = tree_attention_mask(large, allowed[None])
+    with torch.inference_mode():
+        with absolute_positions(large, torch.tensor([0, 1, 2, 3, 3, 3])):
             tree = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
         by_slot = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
         for j, sibling in enumerate(siblings):

@@ -26,6 +26,9 @@ tested in tests/test_compat.py:
   their bias in ``compute_bias(query_length, key_length, ...)`` (later layers reuse the first one's), from
   ``_relative_position_bucket`` and the ``relative_attention_bias`` embedding; bild swaps in a ``compute_bias``
   that reads explicit positions for a forward whose tokens do not sit at their slots (tree siblings).
+- `absolute_positions`: BART-like decoders (BART, mBART, Marian, Blenderbot, ...) add position embeddings from
+  ``decoder.embed_positions``, whose forward takes ``position_ids`` (computed by the decoder from its cache
+  length); a forward pre-hook replaces them for a forward whose tokens do not sit at their slots.
 - The ``custom_generate=<callable>`` route of generate() itself (used in integration.py) is public API.
 """
 
@@ -149,6 +152,30 @@ def relative_positions(model: PreTrainedModel, query_positions: torch.Tensor, ke
     finally:
         for layer in layers:
             del layer.compute_bias
+
+
+def embeds_decoder_positions(model: PreTrainedModel) -> bool:
+    """An encoder-decoder whose decoder adds absolute position embeddings, from the cache length, through an
+    ``embed_positions`` module that takes ``position_ids`` (BART, mBART, Marian, Blenderbot, ...)."""
+    if not model.config.is_encoder_decoder:
+        return False
+    embed = getattr(model.get_decoder(), "embed_positions", None)
+    return isinstance(embed, torch.nn.Module) and takes_forward_arg(embed, "position_ids")
+
+
+@contextmanager
+def absolute_positions(model: PreTrainedModel, positions: torch.Tensor):
+    """Within the block, ``model``'s decoder (see `embeds_decoder_positions`) embeds the positions
+    ``positions`` `(query,)` for a forward's tokens (a batch of one) instead of those after its cache length."""
+
+    def use_positions(module, args, kwargs):
+        return args, {**kwargs, "position_ids": positions}
+
+    handle = model.get_decoder().embed_positions.register_forward_pre_hook(use_positions, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def gather_cache_slots(cache: Cache, index: torch.Tensor) -> None:

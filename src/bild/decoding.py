@@ -16,7 +16,14 @@ from transformers import (
 )
 
 from .cache import BildCache, TrackedCache
-from .compat import has_relative_positions, relative_positions, takes_forward_arg, tree_attention_mask
+from .compat import (
+    absolute_positions,
+    embeds_decoder_positions,
+    has_relative_positions,
+    relative_positions,
+    takes_forward_arg,
+    tree_attention_mask,
+)
 from .config import BildSettings
 from .context_drafts import context_draft_probs, propose_context_drafts
 from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
@@ -178,6 +185,7 @@ class Decoder:
         self.encoder_kwargs = encoder_kwargs or {}
         self.is_encoder_decoder = model.config.is_encoder_decoder
         self.places_by_slot = has_relative_positions(model)  # T5: positions come from cache slots
+        self.embeds_positions = embeds_decoder_positions(model)  # BART: from the cache length (rows run alone)
         self.takes_position_ids = takes_forward_arg(model, "position_ids")
         self.takes_logits_to_keep = takes_forward_arg(model, "logits_to_keep")
         self.keep_logits = False  # keep the last forward's logits over the model's whole vocabulary
@@ -194,7 +202,7 @@ class Decoder:
             is_advancing: `(batch_size,)` bool, rows to advance; the others sit this forward out.
             first_target: `(batch_size,)` the first sequence index to predict.
             n_targets: number of consecutive indices to predict from ``first_target``.
-            siblings: `(batch_size, S)` alternatives to each row's last token (decoder-only and T5-family models): fed in the
+            siblings: `(batch_size, S)` alternatives to each row's last token (decoder-only, T5-family and BART-like models): fed in the
                 same forward at the same position, each seeing the tokens before that one and not each other
                 (a tree, through a 4D attention mask). Row ``b`` uses its first ``n_siblings[b]``. Their
                 next-token logits land in ``self.sibling_logits`` `(batch_size, S, V_model)`, and their cache
@@ -204,7 +212,7 @@ class Decoder:
             ``first_target + i``. Columns past a row's last fed token hold garbage.
         """
         cache = self.cache
-        if self.places_by_slot:
+        if self.is_encoder_decoder:  # T5 rows line up; a BART row closes the gap a kept sibling left
             cache.right_align()
         start = cache.n_seen  # [B]
         n_feed = torch.where(is_advancing, state.lengths - start, 0)  # [B]
@@ -233,6 +241,9 @@ class Decoder:
             kwargs["logits_to_keep"] = n_keep + n_tree
         if n_tree and self.places_by_slot:  # T5: siblings stand at the replaced token's place, not their slots
             with relative_positions(self.model, *self._slot_positions(n_feed, chunk_len, n_tree)):
+                logits = self.model(**kwargs).logits
+        elif n_tree and self.embeds_positions:  # BART, a batch of one: likewise, by position embedding
+            with absolute_positions(self.model, positions[0]):
                 logits = self.model(**kwargs).logits
         else:
             logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
@@ -285,7 +296,7 @@ class Decoder:
 
     def _input_kwargs(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> dict:
         if self.is_encoder_decoder:
-            if mask is not None and not self.places_by_slot:
+            if mask is not None and mask.dim() == 2 and not self.places_by_slot:
                 raise RuntimeError("bild internal error: this decoder cannot skip cache slots; decode rows alone.")
             return {"decoder_input_ids": input_ids, "decoder_attention_mask": mask}
         kwargs = {"input_ids": input_ids, "attention_mask": mask}
@@ -845,12 +856,16 @@ def candidate_rule(settings: BildSettings, large_model, small_model, costs) -> C
 
 def sibling_obstacle(large_model, small_model) -> str | None:
     """Why siblings of an unsure token cannot be checked for this pair, or None: they need a large model that
-    takes explicit positions (decoder-only with position_ids, or T5-family) and a drafter apart from it."""
-    if not (has_relative_positions(large_model) or takes_forward_arg(large_model, "position_ids")):
+    takes explicit positions (decoder-only with position_ids, T5-family, BART-like) and a drafter apart from it."""
+    if not (
+        has_relative_positions(large_model)
+        or embeds_decoder_positions(large_model)
+        or (not large_model.config.is_encoder_decoder and takes_forward_arg(large_model, "position_ids"))
+    ):
         return (
             f"fallback_candidates > 1 checks siblings at one position through explicit positions, which "
-            f"{type(large_model).__name__} does not take (it places tokens by cache slot; T5-family and "
-            f"decoder-only models with position_ids can)"
+            f"{type(large_model).__name__} does not take (decoder-only models with position_ids, T5-family and "
+            f"BART-like encoder-decoders do)"
         )
     if hasattr(small_model, "bild_decoders"):
         return "fallback_candidates > 1 does not work with a drafter inside the large model (early exit)"
