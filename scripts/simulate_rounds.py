@@ -89,8 +89,8 @@ class Policy:
     each candidate (``stop_past``: past drafts stop at their own unsure token).
 
     With a rule, ``k`` is the most candidates and candidate j (1-based, small-model probability q_j, in order)
-    is checked while: ``tau``: j = 1 or q_j >= tau; ``value``: q_j * value >= the extra cost of verifying one
-    more token in the round's large forward under ``COSTS[machine]`` (value 1, at most 4: ``fallback_candidates=
+    is checked while: ``tau``: j = 1 or q_j >= tau; ``value``: j = 1 or q_j * value >= the extra cost of verifying
+    one more token in the round's large forward under ``COSTS[machine]`` (value 1, at most 4: ``fallback_candidates=
     "auto"``, `bild.schedule.CandidateRule`); 0 candidates drop the unsure token (the paper's rule).
     """
 
@@ -126,7 +126,7 @@ class Policy:
             if self.tau is not None:
                 pays = j == 1 or q >= self.tau
             else:
-                pays = q * self.value >= costs.large_cost(n_fed + j) - costs.large_cost(n_fed + j - 1)
+                pays = j == 1 or q * self.value >= costs.large_cost(n_fed + j) - costs.large_cost(n_fed + j - 1)
             if not pays:
                 break
             n = j

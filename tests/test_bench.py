@@ -239,7 +239,7 @@ def test_config_defaults_and_overrides():
         "max_draft_tokens": 10,
         "verify_fallback_token": False,
         "draft_costs": None,
-        "fallback_candidates": 0,
+        "fallback_candidates": "auto",
     }
     assert config.methods[1].label == "bild(0.6, inf, 10)"
     changed = config.replace(batch_size=4, limit=None, device="cuda:1")

@@ -21,7 +21,7 @@ def strip(row: torch.Tensor) -> list[int]:
 
 # a verification forward costs the same whatever it reads: every candidate pays
 FLAT = DraftCosts(small=((1, 0.1),), large=((1, 1.0), (64, 1.0)))
-# each token fed costs a whole forward: no candidate ever pays
+# each token fed costs a whole forward: no sibling ever pays (the unsure token is always checked)
 STEEP = DraftCosts(small=((1, 0.1),), large=((1, 1.0), (64, 64.0)))
 
 
@@ -207,10 +207,10 @@ def test_auto_checks_candidates_only_where_they_pay(pair, batch):
     expected = stock_greedy(large, ids, mask)
     flat = generate(large, ids, mask, fallback_candidates="auto", draft_costs=FLAT)
     steep = generate(large, ids, mask, fallback_candidates="auto", draft_costs=STEEP)
-    none = generate(large, ids, mask, fallback_candidates=0, draft_costs=STEEP)
+    alone = generate(large, ids, mask, fallback_candidates=1, draft_costs=STEEP)
     assert torch.equal(flat.sequences, expected) and torch.equal(steep.sequences, expected)
     assert sum(flat.bild_stats.siblings) > 0 and max(flat.bild_stats.siblings) <= 3 * max(flat.bild_stats.fallbacks)
-    assert steep.bild_stats == none.bild_stats  # where verifying a token costs a forward, nothing is checked
+    assert steep.bild_stats == alone.bild_stats  # where verifying a token costs a forward, only the unsure one is
     if batch > 1:
         for b in range(batch):
             alone = generate(large, ids[b : b + 1, mask[b].bool()], fallback_candidates="auto", draft_costs=FLAT)

@@ -141,7 +141,7 @@ def test_context_drafts_cost_no_small_forward_and_save_large_forwards(pair):
     large, small = pair
     cycle = chain_cycle()
     ids = torch.tensor([cycle * 2])
-    settings = dict(fallback_threshold=1.0, rollback_threshold=0.0, max_new_tokens=20)
+    settings = dict(fallback_threshold=1.0, rollback_threshold=0.0, max_new_tokens=20, fallback_candidates=0)
     with ForwardCounter(small) as small_calls, ForwardCounter(large) as large_calls:
         out = bild_generate(large, ids, **settings, **LOOKUP)
     with ForwardCounter(large) as large_alone:

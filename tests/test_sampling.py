@@ -196,7 +196,7 @@ def test_sampled_bild_counts_add_up(pair):
     never = stats(rollback_threshold=math.inf, fallback_threshold=0.0, max_draft_tokens=3)
     assert never.rollbacks == [0] and never.accepted == never.drafted
     assert never.large_forwards == [3]  # 3 drafts + 1 large token per round, 12 tokens
-    always = stats(rollback_threshold=2.0, fallback_threshold=1.0)
+    always = stats(rollback_threshold=2.0, fallback_threshold=1.0, fallback_candidates=0)  # the paper's rule
     assert always.drafted == [0] and always.large_forwards == [12]
 
 

@@ -164,7 +164,7 @@ def test_checking_the_unsure_token_saves_large_forwards(pair):
     """With a small model that is always 'unsure', every round falls back; checking its token still gains."""
     large, _ = pair
     ids = prompts(1)[0][None]
-    without = generate(large, ids, fallback_threshold=1.0, max_new_tokens=24)
+    without = generate(large, ids, fallback_threshold=1.0, max_new_tokens=24, fallback_candidates=0)
     checked = generate(large, ids, fallback_threshold=1.0, max_new_tokens=24, verify_fallback_token=True)
     assert torch.equal(without.sequences, checked.sequences)
     assert without.bild_stats.large_forwards[0] == 24 and without.bild_stats.accepted[0] == 0

@@ -20,7 +20,7 @@ DEFAULT_FALLBACK_THRESHOLD = 0.6
 DEFAULT_ROLLBACK_THRESHOLD = 2.0
 DEFAULT_MAX_DRAFT_TOKENS = 10
 DEFAULT_VERIFY_FALLBACK_TOKEN = False
-DEFAULT_FALLBACK_CANDIDATES = 0
+DEFAULT_FALLBACK_CANDIDATES = AUTO  # measured: docs/measured.md, "Which candidates to check"
 BILD_FIELDS = (
     "fallback_threshold", "rollback_threshold", "max_draft_tokens", "verify_fallback_token", "draft_costs",
     "fallback_candidates",
@@ -44,12 +44,13 @@ class BildSettings:
         steps: context drafts (``prompt_lookup_num_tokens``) come on top.
     verify_fallback_token: on a fallback, the large model also checks the token the small model was unsure
         of, in the same forward; it is kept only if it is exactly the large model's own choice.
-    draft_costs: for ``"auto"``: a `bild.DraftCosts`, its dict, or a JSON file of one; None measures the pair
-        on first use (`DraftCosts.for_pair`).
+    draft_costs: for ``"auto"`` (either setting): a `bild.DraftCosts`, its dict, or a JSON file of one; None
+        measures the pair on first use (`DraftCosts.for_pair`).
     fallback_candidates: K >= 0, the small model's top-K tokens at the unsure position that the large model
         checks as siblings in its verification forward (one is kept if it is exactly the large model's own
-        choice); 1 is ``verify_fallback_token``; 0 drops the unsure token (the paper's rule); ``"auto"``: up to
-        `AUTO_MAX_CANDIDATES`, each checked only where its probability pays for the extra verification cost.
+        choice); 1 is ``verify_fallback_token``; 0 drops the unsure token (the paper's rule); ``"auto"`` (the
+        default): the unsure token, and up to `AUTO_MAX_CANDIDATES` - 1 more where their probability pays for
+        the extra verification cost.
     prompt_lookup_num_tokens: k >= 1 or None (the stock `GenerationConfig` field): each round first copies up to
         k tokens as free drafts from where the row's last n-gram occurred earlier in its text
         (`bild.context_drafts`); None: none.
@@ -203,8 +204,10 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
         max_draft_tokens: N >= 1, the most small-model steps before the large model is called (default 10),
             or ``"auto"`` (a cost-aware cap each round).
         verify_fallback_token: let the large model check the small model's unsure token on a fallback.
-        draft_costs: for ``"auto"``: a JSON file or dict of `bild.DraftCosts` (None: measured on first use).
-        fallback_candidates: K, the small model's top-K tokens at an unsure position checked by the large model.
+        draft_costs: for ``"auto"`` (either setting): a JSON file or dict of `bild.DraftCosts` (None: the pair's,
+            measured on first use and stored).
+        fallback_candidates: K, the small model's top-K tokens at an unsure position checked by the large model
+            (0: the paper's rule), or ``"auto"`` (default: the unsure token, and the next ones that pay).
         **kwargs: any `GenerationConfig` argument (``max_new_tokens``, ``eos_token_id``, ...).
     """
 
@@ -215,7 +218,7 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
         max_draft_tokens: int | str | None = None,
         verify_fallback_token: bool | None = None,
         draft_costs: dict | str | None = None,
-        fallback_candidates: int | None = None,
+        fallback_candidates: int | str | None = None,
         **kwargs: Any,
     ):
         # GenerationConfig keeps unknown keyword arguments as attributes and validates at the end of __init__.

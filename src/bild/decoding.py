@@ -365,7 +365,7 @@ def draft(
         drafts.fell_back |= is_unsure
         n_candidates = torch.zeros_like(start)
         if bool(is_unsure.any()):
-            n_fed = float(torch.where(state.finished, 0, state.lengths - start + 1).sum())  # the large model's chunk
+            n_fed = state.lengths - start + 1  # [B] each row's part of the large model's chunk, the unsure token in
             n_candidates = torch.where(is_unsure, candidates.per_row(probs, n_fed), 0)  # [B]
         is_written = is_drafting & (~is_unsure | (n_candidates > 0))
         token_ids = probs.argmax(dim=-1)  # [B]
@@ -851,7 +851,7 @@ def candidate_rule(settings: BildSettings, large_model, small_model, costs) -> C
     if settings.fallback_candidates != AUTO:
         return CandidateRule(settings.n_candidates)
     most = 1 if sibling_obstacle(large_model, small_model) else settings.n_candidates
-    return CandidateRule(most, costs or pair_costs(settings, large_model, small_model))
+    return CandidateRule(most, costs or (lambda: pair_costs(settings, large_model, small_model)))
 
 
 def sibling_obstacle(large_model, small_model) -> str | None:

@@ -25,6 +25,7 @@ import logging
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -273,30 +274,40 @@ def best_cap(r: list[float], a: list[float], costs: DraftCosts, max_cap: int = A
     return best_k
 
 
-@dataclass(frozen=True)
+@dataclass
 class CandidateRule:
     """How many of the small model's most likely tokens the large model checks at an unsure position.
 
     most: K, the most per row (0: none, the paper's rule; 1: the unsure token; more: siblings too).
-    costs: for ``fallback_candidates="auto"``: candidate ``j`` (its small-model probability ``q_j``, in order)
-        is checked when ``q_j`` is at least the extra cost of verifying one more token, in single-token large
-        forwards: its expected gain is ``q_j`` tokens, a plain large step yields one token per unit of cost.
+    costs: for ``fallback_candidates="auto"``: the unsure token is always checked, and each next candidate ``j``
+        (its small-model probability ``q_j``, in order) when ``q_j`` is at least the extra cost of verifying one
+        more token, in single-token large forwards: its expected gain is ``q_j`` tokens, a plain large step
+        yields one token per unit of cost. (At unsure positions the top token was right 42% of the time against
+        a mean ``q_1`` of 0.26, the others about as often as ``q_j`` says: docs/measured.md.)
         Where a few more tokens cost the large forward almost nothing (bfloat16, oneDNN kernels) likely
         candidates are checked; where cost grows fast with tokens (stock float32 kernels on AVX2), none are.
-        None: always ``most``.
+        A callable is called for them the first time a sibling could be checked (measuring a pair takes
+        seconds: a call that never falls back, or checks the unsure token alone, never pays it). None: always
+        ``most``.
     """
 
     most: int
-    costs: DraftCosts | None = None
+    costs: DraftCosts | Callable[[], DraftCosts] | None = None
 
-    def per_row(self, probs: torch.Tensor, n_fed: float) -> torch.Tensor:
+    def per_row(self, probs: torch.Tensor, n_fed: torch.Tensor) -> torch.Tensor:
         """`(batch_size,)` candidates to check for rows unsure with processed probabilities `(batch_size, V)`,
-        when the large model's forward would otherwise read ``n_fed`` tokens (all rows)."""
-        if self.costs is None or self.most == 0:
+        when each row's part of the large model's forward would otherwise read ``n_fed[b]`` tokens. Each row is
+        priced as if it ran alone, so its choice, and so its output, never depends on its batch-mates."""
+        if self.costs is None or self.most <= 1:
             return torch.full((len(probs),), self.most, dtype=torch.long, device=probs.device)
+        if callable(self.costs):
+            self.costs = self.costs()
         top = probs.topk(self.most, dim=-1).values  # [B, K]
+        large = self.costs.large_cost
         extra = torch.tensor(
-            [self.costs.large_cost(n_fed + j) - self.costs.large_cost(n_fed + j - 1) for j in range(1, self.most + 1)],
+            [[large(n + j) - large(n + j - 1) for j in range(1, self.most + 1)] for n in n_fed.tolist()],
             dtype=top.dtype, device=top.device,
         )  # fmt: skip
-        return (top >= extra).long().cumprod(dim=-1).sum(dim=-1)
+        pays = top >= extra
+        pays[:, 0] = True  # the unsure token itself: the small model's top token is right more often than it says
+        return pays.long().cumprod(dim=-1).sum(dim=-1)

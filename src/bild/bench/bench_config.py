@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 
 from bild.bench.machine import DEVICES, DTYPES, KERNELS
-from bild.config import BILD_FIELDS, CONTEXT_FIELDS, BildSettings, is_real
+from bild.config import BILD_FIELDS, CONTEXT_FIELDS, DEFAULT_FALLBACK_CANDIDATES, BildSettings, is_real
 from bild.drafters import QUANTIZATIONS
+from bild.schedule import AUTO
 
 METHOD_NAMES = ("large", "small", "assisted", "bild")
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
@@ -229,14 +230,16 @@ def _check_assisted(params: dict, source: str) -> dict:
 
 
 def default_label(name: str, params: dict) -> str:
-    """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; ``+v``: the unsure token is checked, ``+c3``: it and
+    """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; candidates at the default "auto" unless marked:
+    ``+c0``: the paper's rule, the unsure token dropped; ``+v``: the unsure token alone is checked; ``+c3``: it and
     its 2 next-best siblings; ``+pl3``: up to 3 context drafts a round),
     ``assisted(n=5, constant, c=0.4)``, or the name."""
     if name == "bild" and params:
-        checked = "+v" if params.get("verify_fallback_token") else ""
-        k = params.get("fallback_candidates") or 0
-        if k == "auto" or k > 1:  # +c<K>: the unsure token and K - 1 siblings checked (+cauto: those that pay)
-            checked = f"+c{k}"
+        k = params.get("fallback_candidates", DEFAULT_FALLBACK_CANDIDATES)
+        checked = ""
+        if k != AUTO:
+            k = max(k, int(bool(params.get("verify_fallback_token"))))
+            checked = "+v" if k == 1 else f"+c{k}"
         if params.get("prompt_lookup_num_tokens"):  # context drafts: +pl<k>, and /<n> for a non-default n-gram
             ngram = params.get("max_matching_ngram_size")
             checked += f"+pl{params['prompt_lookup_num_tokens']}" + (f"/{ngram}" if ngram else "")
