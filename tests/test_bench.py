@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from bild.bench import cli
-from bild.bench.bench_config import load_config, parse_config, parse_float_list
+from bild.bench.bench_config import load_config, parse_config, parse_float_list, parse_methods
+from bild.bench.loading import ModelPair
+from bild.bench.methods import measure_costs_first
 from bild.bench.metrics import prefix_agreement
 from bild.bench.plot import pareto_front
 from bild.bench.report import json_safe
@@ -345,3 +347,17 @@ def test_variants_plot_writes_a_png(tmp_path, capsys):
         paths[-1].write_text(json.dumps(result))
     plot_variants.main([*map(str, paths), "--out", str(tmp_path / "v.png")])
     assert (tmp_path / "v.png").read_bytes()[:8] == PNG_MAGIC and "wrote" in capsys.readouterr().out
+
+
+def test_bild_methods_that_price_their_choices_measure_costs_before_the_timed_calls(causal_pair, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    """The pair's costs are measured on first use, which a timed call must never be: the warm-up does it."""
+    monkeypatch.setenv("BILD_HOME", str(tmp_path))
+    large, small = causal_pair
+    pair = ModelPair(large, small, tokenizer=None, eos_token_ids=[1], pad_token_id=0)
+    fixed = parse_methods([{"name": "bild", "fallback_candidates": 3, "max_draft_tokens": 4}], "test")[0]
+    measure_costs_first(fixed, pair)
+    assert not list(tmp_path.glob("fit/costs-*.json"))
+    auto = parse_methods([{"name": "bild"}], "test")[0]  # fallback_candidates="auto" by default
+    measure_costs_first(auto, pair)
+    assert len(list(tmp_path.glob("fit/costs-*.json"))) == 1

@@ -12,6 +12,7 @@ from transformers import StoppingCriteriaList, StopStringCriteria
 from bild.bench.bench_config import MethodSpec
 from bild.bench.loading import Batch, ModelPair
 from bild.early_exit import EarlyExitDrafter
+from bild.schedule import AUTO, DraftCosts
 from bild.stats import BildStats
 
 
@@ -69,6 +70,17 @@ def generate(
         out = pair.large.generate(**batch.inputs, **kwargs, generation_mode="bild", assistant_model=small, **spec.params)
         return Generated(new_token_ids(pair, batch.inputs, out.sequences), out.bild_stats)
     raise ValueError(f"Unknown method {spec.name!r}.")
+
+
+def measure_costs_first(spec: MethodSpec, pair: ModelPair) -> None:
+    """A BiLD method that prices its choices ("auto" draft caps or candidates) without given ``draft_costs``
+    measures the pair on first use, which may fall inside a timed call: measure it here instead (stored, so
+    the calls read it back)."""
+    params = spec.params
+    if spec.name == "bild" and params.get("draft_costs") is None and AUTO in (
+        params.get("max_draft_tokens"), params.get("fallback_candidates")
+    ):
+        DraftCosts.for_pair(pair.large, pair.drafter(spec.drafter))
 
 
 def stop_string_criteria(pair: ModelPair, stop_strings: tuple[str, ...]) -> StoppingCriteriaList | None:

@@ -11,7 +11,7 @@ from bild.bench import distributed
 from bild.bench.bench_config import BenchConfig, MethodSpec
 from bild.bench.loading import Batch, ModelPair, load_pair, make_batches
 from bild.bench.machine import clock, environment, resolve_device, resolve_dtype
-from bild.bench.methods import Generated, count_forwards, generate, stop_string_criteria
+from bild.bench.methods import Generated, count_forwards, generate, measure_costs_first, stop_string_criteria
 from bild.bench.metrics import large_label, prefix_agreement, summarize
 from bild.bench.tasks import get_task
 from bild.stats import BildStats
@@ -49,6 +49,7 @@ def run_methods(config: BenchConfig, pair: ModelPair, batches: list[Batch], *, p
     stopping = stop_string_criteria(pair, config.stop_strings)
     with torch.inference_mode():
         for spec in tqdm(config.methods, desc="warm-up", disable=not progress, leave=False):
+            measure_costs_first(spec, pair)
             generate(spec, pair, batches[0].first_row(), min(WARMUP_TOKENS, config.max_new_tokens), stopping)
         shared = distributed.shard(list(enumerate(batches)))
         bar = tqdm(total=len(shared) * len(config.methods), desc="generating", unit="call", disable=not progress)
