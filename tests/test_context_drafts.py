@@ -160,6 +160,25 @@ def test_context_drafts_cost_no_small_forward_and_save_large_forwards(pair):
     assert large_calls.calls <= large_alone.calls / 2
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_auto_proposes_context_drafts_only_where_checking_them_pays(pair, batch_size):
+    """max_draft_tokens="auto", greedy: a context draft the small model keeps saves it a step, and reading n of
+    them costs its forward small(n + 1) - small(1) more. Where that is free every match is proposed in full;
+    where each costs a whole step none is (no kept draft saves more than it costs); sampling keeps the setting."""
+    from bild.schedule import DraftCosts
+
+    large, _ = pair
+    ids, mask = left_pad(repeating_prompts(batch_size))
+    expected = large.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    runs = {}
+    for name, small in (("free", ((1, 0.1), (64, 0.1))), ("steep", ((1, 0.1), (64, 6.4)))):
+        costs = DraftCosts(small=small, large=((1, 1.0), (64, 2.0)))
+        runs[name] = bild_generate(large, ids, mask, rollback_threshold=0.0, max_draft_tokens="auto",
+                                   draft_costs=costs, **LOOKUP)  # fmt: skip
+        assert runs[name].sequences.tolist() == expected.tolist()
+    assert totals(runs["free"])["context_accepted"] > 0 and totals(runs["steep"])["context_drafted"] == 0
+
+
 def test_max_draft_tokens_caps_small_steps_only(pair):
     """Context drafts come on top of the cap: with one small step a round, a round checks more than one draft."""
     large, _ = pair

@@ -27,9 +27,10 @@ DEFAULT_MAX_MATCHING_NGRAM_SIZE = 2  # stock prompt lookup's default when max_ma
 
 
 def propose_context_drafts(
-    state: BatchState, rules: TokenRules, settings: BildSettings
+    state: BatchState, rules: TokenRules, settings: BildSettings, caps: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write each open row's context drafts after its tokens (``state.lengths`` grows with them).
+    """Write each open row's context drafts after its tokens (``state.lengths`` grows with them), at most
+    ``prompt_lookup_num_tokens``, or ``caps[b]`` for row ``b`` (`DraftSchedule.context_caps`).
 
     Returns two `(batch_size,)` tensors: ``n_context`` (context drafts written per row) and ``ends_in_eos``
     (bool, the last context draft is an EOS token: the row drafts nothing after it this round).
@@ -45,6 +46,8 @@ def propose_context_drafts(
     offsets = torch.arange(n_lookup, device=follows.device)  # [k]
     n_room = torch.where(follows >= 0, state.lengths - follows, 0).clamp(max=n_lookup)  # tokens that followed
     n_room = torch.minimum(n_room, rules.max_length - state.lengths).clamp(min=0)
+    if caps is not None:
+        n_room = torch.minimum(n_room, caps)
     token_ids = state.tokens_at(follows.clamp(min=0)[:, None] + offsets)  # [B, k]
     is_unknown = (token_ids >= rules.vocab_size) & (offsets < n_room[:, None])  # an id only one model has
     n_room = torch.where(is_unknown.any(dim=1), is_unknown.int().argmax(dim=1), n_room)  # stop before it

@@ -150,6 +150,7 @@ class Drafts:
     fell_back: torch.Tensor  # bool, drafting ended because the small model was unsure
     has_candidate: torch.Tensor  # bool, the unsure token follows the drafts for the large model to check
     n_context: torch.Tensor | None = None  # the first n_context drafts were copied from the text (prompt lookup)
+    n_proposed: torch.Tensor | None = None  # context drafts proposed, before the small model's check kept n_context
     probs: torch.Tensor | None = None  # [B, K, V] sampling only: the distributions draft i was drawn from
     # fallback_candidates > 1: the small model's next-best tokens at the unsure position, checked beside it
     siblings: torch.Tensor | None = None  # [B, S] token ids; row b uses its first n_siblings[b]
@@ -330,7 +331,7 @@ def apply_processors(
 
 def draft(
     small: Decoder, state: BatchState, rules: TokenRules, sampling: Sampling, settings: BildSettings, cap: int,
-    candidates: CandidateRule | None = None,
+    candidates: CandidateRule | None = None, context_caps: torch.Tensor | None = None,
 ) -> Drafts:  # fmt: skip
     """Step 1: the small model drafts until it is unsure, drafts ``cap`` tokens, or reaches EOS or the length limit.
 
@@ -343,10 +344,10 @@ def draft(
     candidates = candidates or CandidateRule(settings.n_candidates)
     start = state.lengths.clone()
     # free drafts first, no model call: what followed the row's last n-gram earlier in its text (prompt lookup)
-    n_context, ends_in_eos = propose_context_drafts(state, rules, settings)
+    n_context, ends_in_eos = propose_context_drafts(state, rules, settings, context_caps)
     is_drafting = ~state.finished & ~ends_in_eos & (state.lengths < rules.max_length) & (cap > 0)
     drafts = Drafts.empty(start)
-    drafts.n_context = n_context
+    drafts.n_context = drafts.n_proposed = n_context
     draft_probs = []
     checked = None  # greedy: the small model's first step, from the forward that checked the context drafts
     if bool((n_context > 0).any()) and not sampling.do_sample and bool(is_drafting.any()) and isinstance(small, Decoder):
@@ -661,7 +662,10 @@ def bild_loop(
         is_active = ~state.finished
         start = state.lengths.clone()  # [B] index of this round's first new token
         # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
-        drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active), schedule.candidates)
+        context_caps = schedule.context_caps(settings.prompt_lookup_num_tokens, sampling.do_sample) if (
+            settings.prompt_lookup_num_tokens) else None  # fmt: skip
+        drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active), schedule.candidates,
+                       context_caps)  # fmt: skip
         # 2. The large model reads everything it has not seen, drafts included, in one forward
         target_scores, target_logits = verify(large, state, rules, start, drafts)  # [B, K+1, V]
         # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
@@ -680,6 +684,8 @@ def bild_loop(
         # the schedule learns from the small model's own drafts: context drafts come on top of its cap
         n_small = drafts.n_drafted - drafts.n_context
         schedule.update(is_active, drafts.n_steps, n_small, (n_accepted - drafts.n_context).clamp(min=0))
+        if settings.prompt_lookup_num_tokens:
+            schedule.update_context(is_active, drafts.n_proposed, torch.minimum(n_accepted, drafts.n_context))
         if streamer is not None and int(state.lengths[0] - start[0]) > 0:
             streamer.put(state.token_ids[:1, int(start[0]) : int(state.lengths[0])].cpu())
 

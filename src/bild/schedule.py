@@ -15,6 +15,9 @@ expected tokens of a round with cap ``k`` are ``sum_b 1 + sum_{j=1..k} (r_b a_b)
 own token is always one), expected cost ``sum_{j<k} small(rows still drafting at step j) +
 large(tokens fed)``. ``k = 0`` is a plain large-model step: it wins where drafting does not pay (a small
 model that is rarely confident, or batches whose verification is compute-bound on a few CPU cores).
+The same costs price the round's other choices: how many context drafts a row proposes
+(`DraftSchedule.context_caps`) and which candidates the large model checks at an unsure position
+(`CandidateRule`, ``fallback_candidates="auto"``).
 """
 
 from __future__ import annotations
@@ -239,6 +242,9 @@ class DraftSchedule:
         self.steps = torch.zeros(batch_size, device=device)
         self.drafted = torch.zeros(batch_size, device=device)
         self.accepted = torch.zeros(batch_size, device=device)
+        # and context drafts (prompt lookup): [B] proposed, kept
+        self.context_proposed = torch.zeros(batch_size, device=device)
+        self.context_kept = torch.zeros(batch_size, device=device)
 
     def next_cap(self, is_active: torch.Tensor) -> int:
         """The most drafts any active row may make this round (0: a plain large-model step)."""
@@ -247,6 +253,35 @@ class DraftSchedule:
         r = (self.drafted + PRIOR_RATE * PRIOR_WEIGHT) / (self.steps + PRIOR_WEIGHT)  # [B]
         a = (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.drafted + PRIOR_WEIGHT)  # [B]
         return best_cap(r[is_active].tolist(), a[is_active].tolist(), self.costs)
+
+    def context_caps(self, n_lookup: int, sampling: bool) -> torch.Tensor | None:
+        """Greedy with "auto": the most context drafts each row may propose this round, `(batch_size,)`; None:
+        ``n_lookup`` for every row.
+
+        The small model checks a row's context drafts in its next forward, which reads them all: ``n`` of them
+        cost ``small(n + 1) - small(1)`` more than one step, and each it keeps saves a step (``small(1)``).
+        With the row's recent context acceptance ``c``, ``n`` drafts keep ``c + c^2 + ... + c^n`` on average; the
+        cap is the ``n`` in ``0..n_lookup`` with the largest saving over cost. (Sampling has no check: every
+        context draft goes to the large model, and ``n_lookup`` stays.)
+        """
+        if self.fixed is not None or sampling:
+            return None
+        c = ((self.context_kept + PRIOR_RATE * PRIOR_WEIGHT) / (self.context_proposed + PRIOR_WEIGHT)).tolist()
+        step = self.costs.small_cost(1)
+        extra = [self.costs.small_cost(n + 1) - step for n in range(n_lookup + 1)]
+        caps = []
+        for rate in c:
+            kept = [sum(rate**i for i in range(1, n + 1)) for n in range(n_lookup + 1)]
+            caps.append(max(range(n_lookup + 1), key=lambda n: (kept[n] * step - extra[n], -n)))
+        return torch.tensor(caps, dtype=torch.long, device=self.steps.device)
+
+    def update_context(self, is_active, n_proposed, n_kept) -> None:
+        """Learn from this round's context drafts: proposed and kept per row, `(batch_size,)` each."""
+        if self.fixed is not None:
+            return
+        keep = torch.where(is_active, DECAY, 1.0)
+        self.context_proposed = self.context_proposed * keep + n_proposed * is_active
+        self.context_kept = self.context_kept * keep + n_kept * is_active
 
     def update(self, is_active, n_steps, n_drafted, n_accepted) -> None:
         """Learn from this round: small steps taken, drafts made, drafts kept; `(batch_size,)` each."""
