@@ -111,9 +111,11 @@ def test_t5_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(s
         torch.testing.assert_close(tree[0, :4], large(src, decoder_input_ids=path).logits[0])
 
 
-def test_bart_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(bart_pair):
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_bart_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(bart_pair, attention):
     """absolute_positions: the same for a BART decoder, whose position embeddings follow the cache length."""
     large = copy.deepcopy(bart_pair[0])
+    large.set_attn_implementation(attention)
     src = torch.tensor([[5, 9, 12, 30, 7, EOS]])
     path = torch.tensor([[EOS, 9, 14, 21]])
     siblings = [30, 11]

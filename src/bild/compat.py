@@ -21,7 +21,8 @@ tested in tests/test_compat.py:
 - `tree_attention_mask`: decoder-only models take a 4D ``attention_mask`` `(batch, 1, query, key)` as given
   (``masking_utils`` returns a 4D mask as is); its format follows the private
   ``config._attn_implementation``: "sdpa" (and flex/flash refuse) wants bool (True: attend), "eager" an
-  additive float mask. T5-family decoders take it too (their causal mask goes through ``masking_utils``).
+  additive float mask; T5-family decoders get the additive one under sdpa too (on 5.17 their sdpa path
+  misreads a bool 4D mask). T5-family decoders take it too (their causal mask goes through ``masking_utils``).
 - `relative_positions`: a T5-family decoder's self-attention layers with ``has_relative_attention_bias`` compute
   their bias in ``compute_bias(query_length, key_length, ...)`` (later layers reuse the first one's), from
   ``_relative_position_bucket`` and the ``relative_attention_bias`` embedding; bild swaps in a ``compute_bias``
@@ -108,9 +109,11 @@ def attention_implementation(model: PreTrainedModel) -> str:
 def tree_attention_mask(model: PreTrainedModel, allowed: torch.Tensor) -> torch.Tensor:
     """A `(batch, 1, query, key)` attention mask in the format ``model``'s attention takes, from bool ``allowed``."""
     implementation = attention_implementation(model)
-    if implementation == "sdpa":
+    if implementation == "sdpa" and not has_relative_positions(model):
         return allowed[:, None]
-    if implementation == "eager":
+    # T5's sdpa path folds its position bias into the mask: on 5.17 it misreads a bool 4D one, an additive one
+    # it adds (tests/test_compat.py, on every supported version)
+    if implementation in TREE_MASK_ATTENTION:
         dtype = next(model.parameters()).dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
