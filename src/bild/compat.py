@@ -18,11 +18,11 @@ tested in tests/test_compat.py:
   in ``cache.layers[i]`` that may be replaced (T5 rows decoded together are right-aligned this way);
   `has_relative_positions` names the encoder-decoder families that place tokens only relative to each other.
 - Early exit (`run_decoder_layer`, `crop_cache_layers`, `output_with_cache`): see the block at the end.
-- `tree_attention_mask`: decoder-only models take a 4D ``attention_mask`` `(batch, 1, query, key)` as given
-  (``masking_utils`` returns a 4D mask as is); its format follows the private
-  ``config._attn_implementation``: "sdpa" (and flex/flash refuse) wants bool (True: attend), "eager" an
-  additive float mask; T5-family decoders get the additive one under sdpa too (on 5.17 their sdpa path
-  misreads a bool 4D mask). T5-family decoders take it too (their causal mask goes through ``masking_utils``).
+- `tree_attention_mask`: decoder-only models and encoder-decoders' decoders take a 4D ``attention_mask``
+  `(batch, 1, query, key)` as given (``masking_utils`` returns a 4D mask as is); its format follows the
+  private ``config._attn_implementation``: "sdpa" (and flex/flash refuse) wants bool (True: attend), "eager"
+  an additive float mask; T5-family decoders get the additive one under sdpa too (on 5.17 their sdpa path
+  misreads a bool 4D mask).
 - `relative_positions`: a T5-family decoder's self-attention layers with ``has_relative_attention_bias`` compute
   their bias in ``compute_bias(query_length, key_length, ...)`` (later layers reuse the first one's), from
   ``_relative_position_bucket`` and the ``relative_attention_bias`` embedding; bild swaps in a ``compute_bias``

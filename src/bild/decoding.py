@@ -203,11 +203,12 @@ class Decoder:
             is_advancing: `(batch_size,)` bool, rows to advance; the others sit this forward out.
             first_target: `(batch_size,)` the first sequence index to predict.
             n_targets: number of consecutive indices to predict from ``first_target``.
-            siblings: `(batch_size, S)` alternatives to each row's last token (decoder-only, T5-family and BART-like models): fed in the
-                same forward at the same position, each seeing the tokens before that one and not each other
-                (a tree, through a 4D attention mask). Row ``b`` uses its first ``n_siblings[b]``. Their
-                next-token logits land in ``self.sibling_logits`` `(batch_size, S, V_model)`, and their cache
-                slots hold the last token's index until `TrackedCache.keep_sibling` settles which one stays.
+            siblings: `(batch_size, S)` alternatives to each row's last token: fed in the same forward at the same
+                position (position ids, T5's relative bias or BART's position embeddings: see `sibling_obstacle`),
+                each seeing the tokens before that one and not each other (a tree, through a 4D attention mask).
+                Row ``b`` uses its first ``n_siblings[b]``. Their next-token logits land in
+                ``self.sibling_logits`` `(batch_size, S, V_model)`, and their cache slots hold the last token's
+                index until `TrackedCache.keep_sibling` settles which one stays.
         Returns:
             `(batch_size, n_targets, vocab_size)` float32 logits; column ``i`` predicts index
             ``first_target + i``. Columns past a row's last fed token hold garbage.
