@@ -86,22 +86,18 @@ def test_a_4d_mask_is_taken_as_given_in_the_format_of_the_attention(causal_pair,
     assert not torch.allclose(changed[0, 6], plain[0, 6]) and torch.allclose(changed[0, :6], plain[0, :6])
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_t5_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(seq2seq_pair, attention):
-    """relative_positions: siblings fed after a T5 decoder chunk, at the last token's position and masked from
-    each other, get the logits each would get as that token; without the explicit positions they do not."""
-    large = copy.deepcopy(seq2seq_pair[0])
-    large.set_attn_implementation(attention)
-    src = prompts(1, lengths=(6,))[0][None]
+def assert_siblings_see_their_own_path(large, src, placing) -> None:
+    """Siblings 30 and 11 of token 21, fed after the decoder path ``EOS 9 14 21`` and masked from each other,
+    get the logits each gets as that token inside ``placing`` (which positions them at 21's place), and not
+    without it; the path's own logits are unchanged."""
     path = torch.tensor([[EOS, 9, 14, 21]])  # decoder start, then tokens; 21 is replaced by each sibling
     siblings = [30, 11]
     ids = torch.cat([path, torch.tensor([siblings])], dim=1)  # [1, 6]
     allowed = torch.ones(6, 6, dtype=torch.bool).tril()
     allowed[4:, 3:] = torch.eye(6, dtype=torch.bool)[4:, 3:]  # each sibling sees the path before 21, and itself
-    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
     mask = tree_attention_mask(large, allowed[None])
     with torch.inference_mode():
-        with relative_positions(large, positions, positions):
+        with placing:
             tree = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
         by_slot = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
         for j, sibling in enumerate(siblings):
@@ -112,23 +108,19 @@ def test_t5_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(s
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_t5_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(seq2seq_pair, attention):
+    """relative_positions: T5's relative attention bias from explicit positions instead of cache slots."""
+    large = copy.deepcopy(seq2seq_pair[0])
+    large.set_attn_implementation(attention)
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    assert_siblings_see_their_own_path(large, prompts(1, lengths=(6,))[0][None],
+                                       relative_positions(large, positions, positions))  # fmt: skip
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_bart_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(bart_pair, attention):
-    """absolute_positions: the same for a BART decoder, whose position embeddings follow the cache length."""
+    """absolute_positions: a BART decoder's position embeddings, which follow the cache length otherwise."""
     large = copy.deepcopy(bart_pair[0])
     large.set_attn_implementation(attention)
     src = torch.tensor([[5, 9, 12, 30, 7, EOS]])
-    path = torch.tensor([[EOS, 9, 14, 21]])
-    siblings = [30, 11]
-    ids = torch.cat([path, torch.tensor([siblings])], dim=1)
-    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
-    allowed[4:, 3:] = torch.eye(6, dtype=torch.bool)[4:, 3:]
-    mask = tree_attention_mask(large, allowed[None])
-    with torch.inference_mode():
-        with absolute_positions(large, torch.tensor([0, 1, 2, 3, 3, 3])):
-            tree = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
-        by_slot = large(src, decoder_input_ids=ids, decoder_attention_mask=mask).logits
-        for j, sibling in enumerate(siblings):
-            alone = large(src, decoder_input_ids=torch.cat([path[:, :3], torch.tensor([[sibling]])], dim=1)).logits
-            torch.testing.assert_close(tree[0, 4 + j], alone[0, 3], rtol=1e-5, atol=1e-5)
-            assert not torch.allclose(by_slot[0, 4 + j], alone[0, 3], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(tree[0, :4], large(src, decoder_input_ids=path).logits[0])
+    assert_siblings_see_their_own_path(large, src, absolute_positions(large, torch.tensor([0, 1, 2, 3, 3, 3])))
