@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -241,13 +242,7 @@ class Decoder:
         kwargs.update(self._input_kwargs(input_ids, mask, positions))
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n_keep + n_tree
-        if n_tree and self.places_by_slot:  # T5: siblings stand at the replaced token's place, not their slots
-            with relative_positions(self.model, *self._slot_positions(n_feed, chunk_len, n_tree)):
-                logits = self.model(**kwargs).logits
-        elif n_tree and self.embeds_positions:  # BART, a batch of one: likewise, by position embedding
-            with absolute_positions(self.model, positions[0]):
-                logits = self.model(**kwargs).logits
-        else:
+        with self._placing_siblings(n_tree, n_feed, chunk_len, positions):
             logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
         cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
         if n_tree:
@@ -286,6 +281,16 @@ class Decoder:
         )  # [B, Q, S_cache + Q]
         allowed[:, keys, n_cached + keys] = True  # every query sees itself: no row of the mask is empty
         return input_ids, slot_index, positions, tree_attention_mask(self.model, allowed)
+
+    def _placing_siblings(self, n_tree: int, n_feed: torch.Tensor, chunk_len: int, positions: torch.Tensor):
+        """Where positions do not come from ``position_ids``, the context in which siblings stand at the replaced
+        token's place rather than at their own slots: T5's relative bias, or (a batch of one) BART's position
+        embeddings."""
+        if n_tree and self.places_by_slot:
+            return relative_positions(self.model, *self._slot_positions(n_feed, chunk_len, n_tree))
+        if n_tree and self.embeds_positions:
+            return absolute_positions(self.model, positions[0])
+        return contextlib.nullcontext()
 
     def _slot_positions(self, n_feed: torch.Tensor, chunk_len: int, n_tree: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For a right-aligned cache: each query's and each key's position, a slot's own index except for the
