@@ -668,8 +668,7 @@ def bild_loop(
         is_active = ~state.finished
         start = state.lengths.clone()  # [B] index of this round's first new token
         # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
-        context_caps = schedule.context_caps(settings.prompt_lookup_num_tokens, sampling.do_sample) if (
-            settings.prompt_lookup_num_tokens) else None  # fmt: skip
+        context_caps = schedule.context_caps(settings.prompt_lookup_num_tokens, sampling.do_sample)
         drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active), schedule.candidates,
                        context_caps)  # fmt: skip
         # 2. The large model reads everything it has not seen, drafts included, in one forward

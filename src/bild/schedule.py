@@ -254,9 +254,9 @@ class DraftSchedule:
         a = (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.drafted + PRIOR_WEIGHT)  # [B]
         return best_cap(r[is_active].tolist(), a[is_active].tolist(), self.costs)
 
-    def context_caps(self, n_lookup: int, sampling: bool) -> torch.Tensor | None:
+    def context_caps(self, n_lookup: int | None, sampling: bool) -> torch.Tensor | None:
         """Greedy with "auto": the most context drafts each row may propose this round, `(batch_size,)`; None:
-        ``n_lookup`` for every row.
+        ``n_lookup`` for every row (or no context drafts at all).
 
         The small model checks a row's context drafts in its next forward, which reads them all: ``n`` of them
         cost ``small(n + 1) - small(1)`` more than one step, and each it keeps saves a step (``small(1)``).
@@ -264,7 +264,7 @@ class DraftSchedule:
         cap is the ``n`` in ``0..n_lookup`` with the largest saving over cost. (Sampling has no check: every
         context draft goes to the large model, and ``n_lookup`` stays.)
         """
-        if self.fixed is not None or sampling:
+        if self.fixed is not None or sampling or not n_lookup:
             return None
         c = ((self.context_kept + PRIOR_RATE * PRIOR_WEIGHT) / (self.context_proposed + PRIOR_WEIGHT)).tolist()
         step = self.costs.small_cost(1)
