@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -11,6 +12,12 @@ from pathlib import Path
 def bild_home() -> Path:
     """The root folder for prepared models, data and measured costs: env ``BILD_HOME`` or ``~/.cache/bild``."""
     return Path(os.environ.get("BILD_HOME") or Path.home() / ".cache" / "bild").expanduser()
+
+
+def fit_file(kind: str, key: dict) -> Path:
+    """``$BILD_HOME/fit/<kind>-<digest>.json``: where a measurement made for ``key`` (models, machine) is stored."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return bild_home() / "fit" / f"{kind}-{digest}.json"
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .drafters import replace_module
-from .home import bild_home, write_json
+from .home import fit_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +237,7 @@ def _time_model(model: nn.Module) -> dict[int, float]:
 
 def _fit_file(model: nn.Module) -> Path:
     key = {"model": {k: v for k, v in model_fingerprint(model).items() if k != "kernels"}, "machine": machine_key(model)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return bild_home() / "fit" / f"kernels-{digest}.json"
+    return fit_file("kernels", key)
 
 
 def _stored_fit(path: Path, paths: tuple[str, ...]) -> dict | None:

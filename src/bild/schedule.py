@@ -22,7 +22,6 @@ The same costs price the round's other choices: how many context drafts a row pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import statistics
@@ -36,7 +35,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .compat import cache_kwarg, crop_cache, new_cache
-from .home import bild_home, write_json
+from .home import fit_file, write_json
 from .kernels import PackedLinear, machine_key, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -122,8 +121,7 @@ class DraftCosts:
         if hasattr(small, "bild_decoders"):
             return cls.estimate(large, small)
         key = {"large": model_fingerprint(large), "small": model_fingerprint(small), "machine": machine_key(large)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        path = bild_home() / "fit" / f"costs-{digest}.json"
+        path = fit_file("costs", key)
         if path.is_file():
             try:
                 stored = json.loads(path.read_text(encoding="utf-8"))
