@@ -6,7 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import EOS, PAD, prompts
+from conftest import EOS, PAD, VOCAB, prompts
+from transformers import (
+    PegasusXConfig,
+    PegasusXForConditionalGeneration,
+    UMT5Config,
+    UMT5ForConditionalGeneration,
+)
 
 from bild.compat import (
     absolute_positions,
@@ -115,6 +121,30 @@ def test_t5_siblings_placed_by_explicit_positions_see_what_their_own_path_sees(s
     positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
     assert_siblings_see_their_own_path(large, prompts(1, lengths=(6,))[0][None],
                                        relative_positions(large, positions, positions))  # fmt: skip
+
+
+def test_umt5_siblings_placed_by_explicit_positions_see_what_their_own_path_sees():
+    """UMT5: a relative bias in every layer, and a bucket function that reads its options from the layer."""
+    torch.manual_seed(0)
+    large = UMT5ForConditionalGeneration(UMT5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=PAD,
+        pad_token_id=PAD, eos_token_id=EOS, attn_implementation="eager",
+    )).eval()  # fmt: skip
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    assert_siblings_see_their_own_path(large, prompts(1, lengths=(6,))[0][None],
+                                       relative_positions(large, positions, positions))  # fmt: skip
+
+
+def test_pegasus_x_siblings_placed_by_explicit_positions_see_what_their_own_path_sees():
+    """Pegasus-X: sinusoidal positions, passed to its embedding by position as a (query, 1) column."""
+    torch.manual_seed(0)
+    large = PegasusXForConditionalGeneration(PegasusXConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_global_tokens=4, block_size=4,
+        pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=EOS, attn_implementation="eager",
+    )).eval()  # fmt: skip
+    src = torch.tensor([[5, 9, 12, 30, 7, EOS, 8, 4]])
+    assert_siblings_see_their_own_path(large, src, absolute_positions(large, torch.tensor([0, 1, 2, 3, 3, 3])))
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])

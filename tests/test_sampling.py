@@ -60,8 +60,8 @@ def chi_square_p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> 
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2))
 
 
-def bild_joint_counts(large, prompt, seed, sampling=SAMPLING, **settings) -> torch.Tensor:
-    ids = prompt.repeat(N_ROWS, 1)
+def bild_joint_counts(large, prompt, seed, sampling=SAMPLING, n_rows=N_ROWS, **settings) -> torch.Tensor:
+    ids = prompt.repeat(n_rows, 1)
     torch.manual_seed(seed)
     out = large.generate(
         ids, generation_mode="bild", max_new_tokens=3, pad_token_id=PAD, **sampling, **settings

@@ -52,3 +52,31 @@ def train(model, batch_fn: Callable[[torch.Generator], dict], steps: int, seed: 
         torch.set_num_threads(n_threads)
         model.eval()
     return model
+
+
+def qwen3_5(vocab: int, hidden: int, layers: int, seed: int, *, pad: int, eos: int, bos: int | None = None):
+    """A seeded float32 Qwen3.5 text decoder: gated delta-net (linear attention) layers, full attention last."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(seed)
+    config = Qwen3_5TextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention"] * (layers - 1) + ["full_attention"],
+        max_position_embeddings=512, pad_token_id=pad, eos_token_id=eos, bos_token_id=bos, tie_word_embeddings=False,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return Qwen3_5ForCausalLM(config)
+
+
+def mamba(vocab: int, hidden: int, layers: int, seed: int, *, pad: int, eos: int, bos: int | None = None):
+    """A seeded float32 Mamba (state-space) decoder: no attention at all."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(seed)
+    config = MambaConfig(
+        vocab_size=vocab, hidden_size=hidden, state_size=8, num_hidden_layers=layers, expand=2, conv_kernel=4,
+        time_step_rank=8, pad_token_id=pad, eos_token_id=eos, bos_token_id=bos if bos is not None else eos,
+        tie_word_embeddings=False, use_mambapy=False,
+    )  # fmt: skip
+    return MambaForCausalLM(config)

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .compat import cache_kwarg, crop_cache, gather_cache_slots, new_cache
+from .compat import (
+    cache_kwarg,
+    crop_cache,
+    gather_cache_slots,
+    has_recurrent_state,
+    is_attention_free,
+    keep_recurrent_states,
+    new_cache,
+)
 
 
 class TrackedCache:
@@ -24,6 +32,8 @@ class TrackedCache:
     def __init__(self, model: PreTrainedModel, batch_size: int, device: torch.device):
         self.kv = new_cache(model)
         self.kwarg = cache_kwarg(model)
+        self.is_recurrent = has_recurrent_state(model)  # rows alone, no slot ever skipped (see `record_from`)
+        self.is_attention_free = is_attention_free(model)
         self.slot_index = torch.empty(batch_size, 0, dtype=torch.long, device=device)  # [B, S]
         self.n_seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # read seq[:, :n_seen]
 
@@ -32,8 +42,12 @@ class TrackedCache:
         return self.slot_index.shape[1]
 
     def attention_mask(self, chunk_slot_index: torch.Tensor) -> torch.Tensor | None:
-        """`(batch_size, S + L)` mask over the cache and a new chunk; None when every slot is visible."""
-        visible = torch.cat([self.slot_index, chunk_slot_index], dim=1) >= 0
+        """`(batch_size, S + L)` mask over the cache and a new chunk (attention-free models: the chunk's only,
+        `(batch_size, L)`); None when every slot is visible."""
+        if self.is_attention_free:
+            visible = chunk_slot_index >= 0
+        else:
+            visible = torch.cat([self.slot_index, chunk_slot_index], dim=1) >= 0
         return None if bool(visible.all()) else visible.long()
 
     def right_align(self) -> None:
@@ -67,14 +81,24 @@ class TrackedCache:
         drop = (is_tree & ~(is_chosen & is_kept_column)) | (is_chosen & ~is_tree & (self.slot_index == index[:, None]))
         self.slot_index = self.slot_index.masked_fill(drop, -1)
 
-    def discard_from(self, keep_len: torch.Tensor) -> None:
-        """Forget every token at sequence index >= ``keep_len[b]`` in row ``b``; crop slots no row uses."""
+    def record_from(self, chunk_index: torch.Tensor, is_fed: torch.Tensor, settled: torch.Tensor) -> None:
+        """Before a forward over ``chunk_index`` `(batch_size, L)` (``is_fed``: real tokens): recurrent layers keep
+        their state after every fed token at index >= ``settled[b]``, the tokens a later `discard_from` may drop."""
+        if self.is_recurrent:
+            n_open = int(((chunk_index >= settled[:, None]) & is_fed).sum(dim=1).max())
+            keep_recurrent_states(self.kv, min(chunk_index.shape[1], n_open + 1))
+
+    def discard_from(self, keep_len: torch.Tensor, settle: bool = True) -> None:
+        """Forget every token at sequence index >= ``keep_len[b]`` in row ``b``; crop slots no row uses.
+
+        ``settle``: every token kept is final (the round is over); otherwise a later call may still drop some.
+        """
         self.slot_index = self.slot_index.masked_fill(self.slot_index >= keep_len[:, None], -1)
         self.n_seen = torch.minimum(self.n_seen, keep_len)
         used = (self.slot_index >= 0).any(dim=0).nonzero()
         new_length = int(used[-1]) + 1 if len(used) else 0
-        if new_length < self.length:
-            crop_cache(self.kv, self.length - new_length)
+        if new_length < self.length or (self.is_recurrent and settle):
+            crop_cache(self.kv, self.length - new_length, settle)
             self.slot_index = self.slot_index[:, :new_length]
 
 
@@ -86,6 +110,6 @@ class BildCache:
     small: TrackedCache
 
     def discard_from(self, keep_len: torch.Tensor) -> None:
-        """Roll both models back to the first ``keep_len[b]`` tokens of each row."""
+        """Roll both models back to the first ``keep_len[b]`` tokens of each row, which are final."""
         self.large.discard_from(keep_len)
         self.small.discard_from(keep_len)

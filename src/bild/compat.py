@@ -41,14 +41,40 @@ from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+
+try:  # recurrent cache layers (transformers 5.2x)
+    from transformers.cache_utils import (
+        LinearAttentionAndFullAttentionLayer,
+        LinearAttentionAndSlidingWindowAttentionLayer,
+        LinearAttentionCacheLayerMixin,
+    )
+except ImportError:  # pragma: no cover - older versions decode no recurrent model
+    LinearAttentionCacheLayerMixin = LinearAttentionAndFullAttentionLayer = None
+    LinearAttentionAndSlidingWindowAttentionLayer = ()
 
 
 def new_cache(model: PreTrainedModel) -> Cache:
-    """An empty dynamic cache for ``model`` (full-length layers, so cropping is exact)."""
+    """An empty dynamic cache for ``model`` (full-length attention layers, so cropping is exact).
+
+    Models with recurrent layers (linear attention, state-space, short convolutions: `has_recurrent_state`)
+    get their own layer kinds, recording past states so that `crop_cache` can roll them back.
+    """
     if model.config.is_encoder_decoder:
         return EncoderDecoderCache(DynamicCache(), DynamicCache())
-    return DynamicCache()
+    if not _needs_typed_layers(model):
+        return DynamicCache()
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(cache.layers):  # sliding windows would drop slots bild still tracks: keep them all
+        if isinstance(layer, LinearAttentionAndSlidingWindowAttentionLayer):
+            cache.layers[i] = LinearAttentionAndFullAttentionLayer(number_of_states=layer.number_of_states)
+        elif type(layer) is DynamicSlidingWindowLayer:
+            cache.layers[i] = DynamicLayer()
+    for layer in _recurrent_layers(cache):
+        layer.activate_past_recording(recurrent_states_to_keep=0)
+        # one history list per state (transformers' dict.fromkeys shares one list between them)
+        layer.recurrent_states_history = {i: [] for i in range(layer.number_of_states)}
+    return cache
 
 
 def takes_forward_arg(model: torch.nn.Module, name: str) -> bool:
@@ -61,10 +87,121 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if takes_forward_arg(model, "cache") else "past_key_values"
 
 
-def crop_cache(cache: Cache, n_remove: int) -> None:
-    """Drop the last ``n_remove`` slots of every row and layer of ``cache``."""
-    if n_remove > 0:
-        cache.crop(-n_remove)
+def crop_cache(cache: Cache, n_remove: int, settle: bool = True) -> None:
+    """Drop the last ``n_remove`` tokens of every row and layer of ``cache``.
+
+    Recurrent layers go back to their recorded state before those tokens. ``settle``: no token the cache now
+    holds will be dropped later, so they forget their recorded past (transformers' own ``crop``); otherwise
+    they keep it, so that a later call may still roll back past this point (see `keep_recurrent_states`).
+    """
+    recurrent = _recurrent_layers(cache)
+    if not recurrent:
+        if n_remove > 0:
+            cache.crop(-n_remove)
+        return
+    for layer in _cache_layers(cache):
+        if layer not in recurrent:
+            if n_remove > 0:
+                layer.crop(-n_remove)
+        elif _is_initialized(layer):
+            if settle:
+                layer.crop(-n_remove)
+            elif n_remove > 0:
+                _roll_back_recorded(layer, n_remove)
+
+
+def has_recurrent_state(model: PreTrainedModel) -> bool:
+    """Whether ``model`` carries recurrent state between forwards (linear attention, state-space or short
+    convolution layers: Mamba, Qwen3.5, Qwen3-Next, Falcon-H1, LFM, ...): a state that takes in every token fed,
+    so a row cannot skip a token the way attention skips a masked cache slot."""
+    return bool(getattr(model, "_is_stateful", False)) or bool(_recurrent_layers(_typed_cache(model)))
+
+
+def is_attention_free(model: PreTrainedModel) -> bool:
+    """A model whose layers are all recurrent (Mamba, Falcon-Mamba, ...): its forward takes the attention mask of
+    the tokens fed only (stock generate() passes none after the prefill), not of the cache before them."""
+    layers = _cache_layers(_typed_cache(model)) if has_recurrent_state(model) else []
+    return bool(layers) and all(
+        isinstance(layer, LinearAttentionCacheLayerMixin | DummyLayer) and not isinstance(layer, DynamicLayer)
+        for layer in layers
+    )
+
+
+def recurrent_rollback_obstacle(model: PreTrainedModel) -> str | None:
+    """Why bild cannot roll back ``model``'s recurrent state on this transformers version, or None."""
+    if not has_recurrent_state(model):
+        return None
+    if not _records_recurrent_states(model):
+        import transformers
+
+        return (
+            f"bild rolls {type(model).__name__}'s recurrent (linear-attention / state-space) layers back through "
+            f"their recorded past states, which transformers {transformers.__version__} does not keep: upgrade to "
+            f"transformers>=5.25, or decode this model without generation_mode='bild'."
+        )
+    return None
+
+
+def keep_recurrent_states(cache: Cache, n_states: int) -> None:
+    """Have the recurrent layers of ``cache`` record their state after each of the last ``n_states`` tokens
+    of the next forward (besides the one before it): a later `crop_cache` may drop up to ``n_states - 1`` of
+    them, or all of them when the forward feeds ``n_states`` tokens."""
+    for layer in _recurrent_layers(cache):
+        layer.recurrent_states_to_keep = n_states
+
+
+def _cache_layers(cache: Cache) -> list:
+    cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    return list(getattr(cache, "layers", ()))
+
+
+def _recurrent_layers(cache: Cache | None) -> list:
+    if cache is None or LinearAttentionCacheLayerMixin is None:
+        return []
+    return [layer for layer in _cache_layers(cache) if isinstance(layer, LinearAttentionCacheLayerMixin)]
+
+
+def _typed_cache(model: PreTrainedModel) -> Cache | None:
+    """The dynamic cache transformers builds from ``model``'s config (its layer kinds), or None."""
+    if model.config.is_encoder_decoder:
+        return None
+    try:
+        return DynamicCache(config=model.config)
+    except Exception:  # configs without per-layer information: plain attention layers
+        return None
+
+
+def _needs_typed_layers(model: PreTrainedModel) -> bool:
+    """A cache whose layers are not all plain attention (recurrent, indexed, ...): build it from the config."""
+    cache = _typed_cache(model)
+    plain = (DynamicLayer, DynamicSlidingWindowLayer)
+    return cache is not None and any(type(layer) not in plain for layer in cache.layers)
+
+
+def _records_recurrent_states(model: PreTrainedModel) -> bool:
+    """Whether this transformers version's recurrent layers record per-token past states (``recurrent_states_to_keep``)."""
+    return LinearAttentionCacheLayerMixin is not None and "recurrent_states_to_keep" in inspect.signature(
+        LinearAttentionCacheLayerMixin.activate_past_recording
+    ).parameters
+
+
+def _is_initialized(layer) -> bool:
+    return any(layer.is_conv_states_initialized.values()) or any(layer.is_recurrent_states_initialized.values())
+
+
+def _roll_back_recorded(layer, n_remove: int) -> None:
+    """Like ``LinearAttentionCacheLayerMixin.crop(-n_remove)`` (and the attention part of a hybrid layer), but the
+    layer keeps recording: its conv buffer stays whole and its past states before the dropped tokens stay."""
+    layer.cumulative_length_linear.sub_(n_remove)
+    for i in range(layer.number_of_states):
+        if layer.is_conv_states_initialized[i]:
+            layer.conv_states[i] = layer.conv_states[i][..., :-n_remove]
+        if layer.is_recurrent_states_initialized[i]:
+            history = layer.recurrent_states_history[i]
+            layer.recurrent_states[i] = history[-n_remove]
+            layer.recurrent_states_history[i] = history[:-n_remove]
+    if isinstance(layer, DynamicLayer):
+        DynamicLayer.crop(layer, -n_remove)
 
 
 class SeenByGenerate:
@@ -138,12 +275,17 @@ def relative_positions(model: PreTrainedModel, query_positions: torch.Tensor, ke
         raise RuntimeError(f"bild: {type(model).__name__} has no relative attention bias to position siblings by.")
 
     def bias_from_positions(layer):
+        takes_bucket_options = "bidirectional" in inspect.signature(layer._relative_position_bucket).parameters
+
         def compute_bias(query_length: int, key_length: int, *args, **kwargs) -> torch.Tensor:
             relative = key_positions[:, None, :key_length] - query_positions[:, -query_length:, None]  # [B, Q, K]
-            buckets = layer._relative_position_bucket(
-                relative, bidirectional=not layer.is_decoder, num_buckets=layer.relative_attention_num_buckets,
-                max_distance=layer.relative_attention_max_distance,
-            )  # fmt: skip
+            if takes_bucket_options:  # T5, MT5: a static method; UMT5 reads them from the layer
+                buckets = layer._relative_position_bucket(
+                    relative, bidirectional=not layer.is_decoder, num_buckets=layer.relative_attention_num_buckets,
+                    max_distance=layer.relative_attention_max_distance,
+                )  # fmt: skip
+            else:
+                buckets = layer._relative_position_bucket(relative)
             return layer.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # [B, heads, Q, K]
 
         return compute_bias
@@ -171,10 +313,16 @@ def absolute_positions(model: PreTrainedModel, positions: torch.Tensor):
     """Within the block, ``model``'s decoder (see `embeds_decoder_positions`) embeds the positions
     ``positions`` `(query,)` for a forward's tokens (a batch of one) instead of those after its cache length."""
 
-    def use_positions(module, args, kwargs):
-        return args, {**kwargs, "position_ids": positions}
+    embed = model.get_decoder().embed_positions
+    signature = inspect.signature(embed.forward)
 
-    handle = model.get_decoder().embed_positions.register_forward_pre_hook(use_positions, with_kwargs=True)
+    def use_positions(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)  # the decoder may pass position_ids by position (Pegasus-X)
+        given = bound.arguments.get("position_ids")  # in the layout this module takes: (query,) or (query, 1)
+        bound.arguments["position_ids"] = positions if given is None else positions.reshape(given.shape)
+        return bound.args, bound.kwargs
+
+    handle = embed.register_forward_pre_hook(use_positions, with_kwargs=True)
     try:
         yield
     finally:

@@ -20,7 +20,9 @@ from .cache import BildCache, TrackedCache
 from .compat import (
     absolute_positions,
     embeds_decoder_positions,
+    has_recurrent_state,
     has_relative_positions,
+    recurrent_rollback_obstacle,
     relative_positions,
     takes_forward_arg,
     tree_attention_mask,
@@ -75,6 +77,7 @@ class BatchState:
     stats: BildStats  # [B] long tensors, counted as the loop goes
     max_length: int
     checked_length: int = 0  # every row has been shown to the stateful stopping criteria up to this length
+    round_start: torch.Tensor | None = None  # [B] tokens before it are final: no rollback reaches them
 
     @classmethod
     def from_prompts(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_length: int, pad_id: int):
@@ -94,6 +97,7 @@ class BatchState:
             stats=BildStats.zeros(batch_size, device),
             max_length=max_length,
             checked_length=prompt_length,
+            round_start=torch.full((batch_size,), prompt_length, dtype=torch.long, device=device),
         )
 
     def write(self, rows: torch.Tensor, index: torch.Tensor, token_ids: torch.Tensor) -> None:
@@ -242,6 +246,7 @@ class Decoder:
         kwargs.update(self._input_kwargs(input_ids, mask, positions))
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n_keep + n_tree
+        cache.record_from(index, is_fed, state.round_start)
         with self._placing_siblings(n_tree, n_feed, chunk_len, positions):
             logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
         cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
@@ -419,7 +424,7 @@ def check_context_drafts(
     n_kept = torch.where(is_other.any(dim=1), is_other.int().argmax(dim=1), n_context)  # [B]
     drafts.n_context = torch.where(is_drafting, n_kept, drafts.n_context)
     state.lengths = torch.where(is_drafting, start + n_kept, state.lengths)
-    small.cache.discard_from(state.lengths)
+    small.cache.discard_from(state.lengths, settle=False)
     return scores[torch.arange(len(start), device=start.device), n_kept]
 
 
@@ -667,6 +672,7 @@ def bild_loop(
     while not bool(state.finished.all()):
         is_active = ~state.finished
         start = state.lengths.clone()  # [B] index of this round's first new token
+        state.round_start = start
         # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
         context_caps = schedule.context_caps(settings.prompt_lookup_num_tokens, sampling.do_sample)
         drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active), schedule.candidates,
@@ -803,6 +809,9 @@ def decode(
     ``output_scores`` / ``output_logits``: also return the large model's scores / logits at every step.
     """
     sampling = sampling or Sampling()
+    for model in (large_model, small_model):
+        if obstacle := recurrent_rollback_obstacle(model):
+            raise NotImplementedError(obstacle)
     check_candidates(settings, large_model, small_model, rules.vocab_size)
     outputs = dict(output_scores=output_scores, output_logits=output_logits)
     if inputs.input_ids.shape[0] == 1 or (can_batch_rows(large_model) and can_batch_rows(small_model)):
@@ -867,7 +876,14 @@ def candidate_rule(settings: BildSettings, large_model, small_model, costs) -> C
 
 def sibling_obstacle(large_model, small_model) -> str | None:
     """Why siblings of an unsure token cannot be checked for this pair, or None: they need a large model that
-    takes explicit positions (decoder-only with position_ids, T5-family, BART-like) and a drafter apart from it."""
+    takes explicit positions (decoder-only with position_ids, T5-family, BART-like), a drafter apart from it, and
+    no recurrent layers in either model."""
+    recurrent = next((m for m in (large_model, small_model) if has_recurrent_state(m)), None)
+    if recurrent is not None:
+        return (
+            f"fallback_candidates > 1 checks siblings side by side in one forward, which {type(recurrent).__name__}'s "
+            f"recurrent (linear-attention / state-space) layers cannot: they read every token fed in order"
+        )
     if not (
         has_relative_positions(large_model)
         or embeds_decoder_positions(large_model)
@@ -925,7 +941,10 @@ def pair_costs(settings: BildSettings, large_model, small_model) -> DraftCosts:
 
 def can_batch_rows(model: PreTrainedModel) -> bool:
     """Rows of a batch advance unevenly: a decoder must take explicit position ids, or place tokens relative
-    to each other (T5); encoder-decoders with absolute positions from the cache length (BART) cannot."""
+    to each other (T5); encoder-decoders with absolute positions from the cache length (BART) cannot, nor can
+    models with recurrent layers (their state takes in every token fed, so a row cannot sit a token out)."""
+    if has_recurrent_state(model):
+        return False
     if model.config.is_encoder_decoder:
         return has_relative_positions(model)
     return takes_forward_arg(model, "position_ids")

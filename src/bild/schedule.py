@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from .compat import cache_kwarg, crop_cache, new_cache
+from .compat import cache_kwarg, crop_cache, keep_recurrent_states, new_cache
 from .home import fit_file, write_json
 from .kernels import PackedLinear, machine_key, model_fingerprint
 
@@ -196,6 +196,7 @@ def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int) -
         extra["encoder_outputs"] = model.get_encoder()(input_ids=ids[:, :context], return_dict=True)
     cache = new_cache(model)
     _feed(model, ids[:, :context], cache, extra)
+    keep_recurrent_states(cache, n_new + 1)  # recurrent layers can go back before the timed tokens
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         start = _clock(model.device)
