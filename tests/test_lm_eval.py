@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import PAD, left_pad, prompts
+from conftest import CHAIN, PAD, SMALL_CHAIN, left_pad, prompts
 from tiny_pair import synthetic_pairs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,9 +42,10 @@ def chat_prompts(tokenizer, n: int) -> list[str]:
     ]
 
 
-def stop_criteria(tokenizer, stops: list[str], ids: torch.Tensor):
-    """What lm-eval's HFLM builds for a generate_until batch (one MultiTokenEOSCriteria per stop sequence)."""
-    return lm_eval_utils.stop_sequences_criteria(tokenizer, stops, ids.shape[1], ids.shape[0])
+def stop_criteria(tokenizer, stops: list[str], ids: torch.Tensor, decoder_length: int | None = None):
+    """What lm-eval's HFLM builds for a generate_until batch (one MultiTokenEOSCriteria per stop sequence); an
+    encoder-decoder's criterion reads the decoder's ids, which start ``decoder_length`` long."""
+    return lm_eval_utils.stop_sequences_criteria(tokenizer, stops, decoder_length or ids.shape[1], ids.shape[0])
 
 
 def test_harness_criterion_stops_where_stock_does_at_batch_4(real_pair):
@@ -83,6 +84,44 @@ def test_harness_criterion_never_sees_rejected_drafts(pair, tokenizer):
         out = large.generate(ids, stopping_criteria=ours, generation_mode="bild", **DIVERGING, **common)
         assert ours[0].done_tracker == stock[0].done_tracker == [False] * 4, f"stop string {stop!r}"
         assert out.tolist() == expected.tolist()
+
+
+def stops_like_stock(large, ids, tokenizer, stop_at: int, **common) -> None:
+    """Stop at the token row 0 of greedy output has at ``stop_at``: bild's outputs and the criterion's done flags
+    equal stock's, and the criterion stopped a row."""
+    greedy = large.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=PAD, **common)
+    new_tokens = greedy[:, -12:]
+    stop = tokenizer.decode([int(new_tokens[0, stop_at])])
+    decoder_length = 1 if large.config.is_encoder_decoder else None
+    stock = stop_criteria(tokenizer, [stop], ids, decoder_length)
+    expected = large.generate(ids, stopping_criteria=stock, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                              **common)  # fmt: skip
+    ours = stop_criteria(tokenizer, [stop], ids, decoder_length)
+    out = large.generate(ids, stopping_criteria=ours, generation_mode="bild", max_new_tokens=12, pad_token_id=PAD,
+                         **DIVERGING, **common)  # fmt: skip
+    assert out.tolist() == expected.tolist()
+    assert ours[0].done_tracker == stock[0].done_tracker and True in stock[0].done_tracker
+
+
+def test_harness_criterion_on_bart_rows_decoded_alone_stops_where_stock_does(trained_bart, bart_pair, tokenizer):
+    """BART-like decoders decode each row as a batch of one; the harness's criterion still sees the batch in step."""
+    large = trained_bart
+    bild.attach(large, bart_pair[1])
+    try:
+        ids, mask = left_pad(prompts(4, seed=2))
+        stops_like_stock(large, ids, tokenizer, stop_at=3, attention_mask=mask)
+    finally:
+        bild.detach(large)
+
+
+def test_harness_criterion_on_a_state_space_model_stops_where_stock_does(tokenizer):
+    """Mamba: recurrent state, so rows are decoded one at a time too."""
+    from test_recurrent import tiny
+
+    large, small = tiny("mamba", 32, 2, 0, CHAIN, 40), tiny("mamba", 32, 1, 1, SMALL_CHAIN, 40)
+    bild.attach(large, small)
+    ids, mask = left_pad(prompts(3, seed=2))
+    stops_like_stock(large, ids, tokenizer, stop_at=2, attention_mask=mask)
 
 
 def write_task(folder) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import (
@@ -667,38 +667,44 @@ def bild_loop(
 
     ``outputs``, when given, keeps the large model's scores and logits at every final token.
     """
-    if outputs is not None and outputs.logits is not None and isinstance(large, Decoder):
-        large.keep_logits = True
     while not bool(state.finished.all()):
-        is_active = ~state.finished
-        start = state.lengths.clone()  # [B] index of this round's first new token
-        state.round_start = start
-        # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
-        context_caps = schedule.context_caps(settings.prompt_lookup_num_tokens, sampling.do_sample)
-        drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active), schedule.candidates,
-                       context_caps)  # fmt: skip
-        # 2. The large model reads everything it has not seen, drafts included, in one forward
-        target_scores, target_logits = verify(large, state, rules, start, drafts)  # [B, K+1, V]
-        # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
-        n_accepted, is_rollback, next_ids = find_rollback_point(state, start, drafts, target_scores, sampling, settings)
-        if drafts.has_siblings:  # a sibling of the unsure token the large model chose takes its place
-            use_chosen_siblings(state, caches, start, drafts, target_scores, target_logits)
-        # 4. Keep the accepted tokens; both caches forget the rest
-        accept(state, caches, rules, start, n_accepted, next_ids)
-        if outputs is not None:
-            outputs.record(state, start, is_active, target_scores, target_logits)
-        # 5. Stopping criteria (EOS, max length, stop strings, ...) on every new token
-        stop_rows(state, rules, start, outputs)
-        # 6. Count the round; the schedule learns how far this row's drafts go
-        n_accepted = torch.minimum(n_accepted, torch.where(is_active, state.lengths - start, 0).clamp(min=0))
-        count_round(state, is_active, drafts, n_accepted, is_rollback)
-        # the schedule learns from the small model's own drafts: context drafts come on top of its cap
-        n_small = drafts.n_drafted - drafts.n_context
-        schedule.update(is_active, drafts.n_steps, n_small, (n_accepted - drafts.n_context).clamp(min=0))
-        if settings.prompt_lookup_num_tokens:
-            schedule.update_context(is_active, drafts.n_proposed, torch.minimum(n_accepted, drafts.n_context))
-        if streamer is not None and int(state.lengths[0] - start[0]) > 0:
-            streamer.put(state.token_ids[:1, int(start[0]) : int(state.lengths[0])].cpu())
+        bild_round(large, small, caches, state, rules, sampling, settings, schedule, streamer, outputs)
+
+
+def bild_round(
+    large: Decoder, small: Decoder, caches: BildCache, state: BatchState, rules: TokenRules, sampling: Sampling,
+    settings: BildSettings, schedule: DraftSchedule, streamer=None, outputs: StepOutputs | None = None,
+) -> None:  # fmt: skip
+    """One round of every unfinished row: draft, verify, roll back, accept, stop, count."""
+    is_active = ~state.finished
+    start = state.lengths.clone()  # [B] index of this round's first new token
+    state.round_start = start
+    # 1. The small model drafts until it is unsure (fallback), or N drafts, EOS, the length limit
+    context_caps = schedule.context_caps(settings.prompt_lookup_num_tokens, sampling.do_sample)
+    drafts = draft(small, state, rules, sampling, settings, schedule.next_cap(is_active), schedule.candidates,
+                   context_caps)  # fmt: skip
+    # 2. The large model reads everything it has not seen, drafts included, in one forward
+    target_scores, target_logits = verify(large, state, rules, start, drafts)  # [B, K+1, V]
+    # 3. Roll back at the first draft the large model rejects; its own token follows the kept drafts
+    n_accepted, is_rollback, next_ids = find_rollback_point(state, start, drafts, target_scores, sampling, settings)
+    if drafts.has_siblings:  # a sibling of the unsure token the large model chose takes its place
+        use_chosen_siblings(state, caches, start, drafts, target_scores, target_logits)
+    # 4. Keep the accepted tokens; both caches forget the rest
+    accept(state, caches, rules, start, n_accepted, next_ids)
+    if outputs is not None:
+        outputs.record(state, start, is_active, target_scores, target_logits)
+    # 5. Stopping criteria (EOS, max length, stop strings, ...) on every new token
+    stop_rows(state, rules, start, outputs)
+    # 6. Count the round; the schedule learns how far this row's drafts go
+    n_accepted = torch.minimum(n_accepted, torch.where(is_active, state.lengths - start, 0).clamp(min=0))
+    count_round(state, is_active, drafts, n_accepted, is_rollback)
+    # the schedule learns from the small model's own drafts: context drafts come on top of its cap
+    n_small = drafts.n_drafted - drafts.n_context
+    schedule.update(is_active, drafts.n_steps, n_small, (n_accepted - drafts.n_context).clamp(min=0))
+    if settings.prompt_lookup_num_tokens:
+        schedule.update_context(is_active, drafts.n_proposed, torch.minimum(n_accepted, drafts.n_context))
+    if streamer is not None and int(state.lengths[0] - start[0]) > 0:
+        streamer.put(state.token_ids[:1, int(start[0]) : int(state.lengths[0])].cpu())
 
 
 class StepOutputs:
@@ -804,7 +810,7 @@ def decode(
     output_scores: bool = False,
     output_logits: bool = False,
 ) -> DecodeResult:
-    """BiLD-decode a batch: all rows together where both models allow it, else one row after another.
+    """BiLD-decode a batch: all rows together where both models allow it, else each row as a batch of one.
 
     ``output_scores`` / ``output_logits``: also return the large model's scores / logits at every step.
     """
@@ -815,11 +821,11 @@ def decode(
     check_candidates(settings, large_model, small_model, rules.vocab_size)
     outputs = dict(output_scores=output_scores, output_logits=output_logits)
     if inputs.input_ids.shape[0] == 1 or (can_batch_rows(large_model) and can_batch_rows(small_model)):
-        return decode_batch(large_model, small_model, inputs, rules, settings, sampling, streamer, **outputs)
-    results = [
-        decode_batch(large_model, small_model, inputs.row(b), rules, settings, sampling, streamer, **outputs)
-        for b in range(inputs.input_ids.shape[0])
-    ]
+        run = start_run(large_model, small_model, inputs, rules, settings, **outputs)
+        bild_loop(run.large, run.small, run.caches, run.state, rules, sampling, settings, run.schedule, streamer,
+                  run.outputs)  # fmt: skip
+        return finish_run(run, rules)
+    results = decode_rows(large_model, small_model, inputs, rules, settings, sampling, **outputs)
     width = max(r.sequences.shape[1] for r in results)
     sequences = inputs.input_ids.new_full((len(results), width), rules.pad_token_id)
     for b, result in enumerate(results):
@@ -831,18 +837,23 @@ def decode(
     )  # fmt: skip
 
 
-def decode_batch(
-    large_model: PreTrainedModel,
-    small_model: PreTrainedModel,
-    inputs: DecoderInputs,
-    rules: TokenRules,
-    settings: BildSettings,
-    sampling: Sampling,
-    streamer=None,
-    output_scores: bool = False,
-    output_logits: bool = False,
-) -> DecodeResult:
-    """BiLD-decode the rows of ``inputs`` together."""
+@dataclass
+class Run:
+    """One batch decoded together: the two models as the loop sees them, their caches, and where each row stands."""
+
+    large: Decoder
+    small: Decoder
+    caches: BildCache
+    state: BatchState
+    schedule: DraftSchedule
+    outputs: StepOutputs | None  # the large model's scores and logits at each final token, when asked for
+    prompt_length: int
+
+
+def start_run(
+    large_model: PreTrainedModel, small_model: PreTrainedModel, inputs: DecoderInputs, rules: TokenRules,
+    settings: BildSettings, output_scores: bool = False, output_logits: bool = False,
+) -> Run:  # fmt: skip
     batch_size, prompt_length = inputs.input_ids.shape
     device = inputs.input_ids.device
     state = BatchState.from_prompts(inputs.input_ids, inputs.attention_mask, rules.max_length, rules.pad_token_id)
@@ -852,17 +863,78 @@ def decode_batch(
     outputs = None
     if output_scores or output_logits:
         outputs = StepOutputs(prompt_length, rules.pad_token_id, output_scores, output_logits)
-    bild_loop(large, small, caches, state, rules, sampling, settings, schedule, streamer, outputs)
+        if output_logits and isinstance(large, Decoder):
+            large.keep_logits = True
+    return Run(large, small, caches, state, schedule, outputs, prompt_length)
 
+
+def finish_run(run: Run, rules: TokenRules) -> DecodeResult:
+    state = run.state
     sequences = state.token_ids[:, : int(state.lengths.max())]
-    is_after_end = torch.arange(sequences.shape[1], device=device) >= state.lengths[:, None]
+    is_after_end = torch.arange(sequences.shape[1], device=sequences.device) >= state.lengths[:, None]
     sequences = sequences.masked_fill(is_after_end, rules.pad_token_id)
-    state.stats.generated = state.lengths - prompt_length
+    state.stats.generated = state.lengths - run.prompt_length
     # a stateful stopping criterion may end a row behind tokens already accepted (see stop_rows)
     state.stats.accepted = torch.minimum(state.stats.accepted, state.stats.generated)
     state.stats.context_accepted = torch.minimum(state.stats.context_accepted, state.stats.accepted)
-    scores, logits = outputs.finish(state.lengths) if outputs is not None else (None, None)
-    return DecodeResult(sequences, state.stats.tolist(), caches, scores=scores, logits=logits)
+    scores, logits = run.outputs.finish(state.lengths) if run.outputs is not None else (None, None)
+    return DecodeResult(sequences, state.stats.tolist(), run.caches, scores=scores, logits=logits)
+
+
+def decode_rows(
+    large_model: PreTrainedModel, small_model: PreTrainedModel, inputs: DecoderInputs, rules: TokenRules,
+    settings: BildSettings, sampling: Sampling, output_scores: bool = False, output_logits: bool = False,
+) -> list[DecodeResult]:  # fmt: skip
+    """Each row of ``inputs`` as a batch of one. Stopping criteria that judge rows alone run inside each row's
+    loop; any other (lm-eval's stop sequences) may remember rows, so the rows take turns, a round each, and such
+    criteria see the whole batch in step after every turn, as in `stop_rows_in_step`."""
+    outputs = dict(output_scores=output_scores, output_logits=output_logits)
+    in_step = StoppingCriteriaList(c for c in rules.stopping_criteria if not isinstance(c, STATELESS_CRITERIA))
+    row_rules = replace(rules, stopping_criteria=StoppingCriteriaList(
+        c for c in rules.stopping_criteria if isinstance(c, STATELESS_CRITERIA)))  # fmt: skip
+    runs = [start_run(large_model, small_model, inputs.row(b), row_rules, settings, **outputs)
+            for b in range(inputs.input_ids.shape[0])]  # fmt: skip
+    if not in_step:  # each row to its end, one after another
+        for run in runs:
+            bild_loop(run.large, run.small, run.caches, run.state, row_rules, sampling, settings, run.schedule,
+                      outputs=run.outputs)  # fmt: skip
+        return [finish_run(run, rules) for run in runs]
+    checked_length = inputs.input_ids.shape[1]
+    while not all(bool(run.state.finished.all()) for run in runs):
+        for run in runs:
+            if not bool(run.state.finished.all()):
+                bild_round(run.large, run.small, run.caches, run.state, row_rules, sampling, settings, run.schedule,
+                           outputs=run.outputs)  # fmt: skip
+        view = rows_view([run.state for run in runs], rules, checked_length)
+        scores = RowsScores(runs, rules.pad_token_id) if output_scores else None
+        stop_rows_in_step(view, rules, in_step, scores)
+        checked_length = view.checked_length
+        for b, run in enumerate(runs):
+            run.state.lengths, run.state.finished = view.lengths[b : b + 1], view.finished[b : b + 1]
+    return [finish_run(run, rules) for run in runs]
+
+
+def rows_view(states: list[BatchState], rules: TokenRules, checked_length: int) -> BatchState:
+    """The rows of one-row states as one batch, for the stopping criteria (no stats)."""
+    width = max(s.token_ids.shape[1] for s in states)
+    token_ids = torch.cat([
+        torch.nn.functional.pad(s.token_ids, (0, width - s.token_ids.shape[1]), value=rules.pad_token_id)
+        for s in states
+    ])  # fmt: skip
+    return BatchState(
+        token_ids, torch.cat([s.lengths for s in states]), torch.cat([s.n_pads for s in states]),
+        torch.cat([s.finished for s in states]), stats=None, max_length=rules.max_length, checked_length=checked_length,
+    )  # fmt: skip
+
+
+class RowsScores:
+    """`StepOutputs.scores_until` over rows decoded as batches of one."""
+
+    def __init__(self, runs: list[Run], pad_token_id: int):
+        self.runs, self.pad_token_id = runs, pad_token_id
+
+    def scores_until(self, length: int) -> tuple[torch.Tensor, ...] | None:
+        return concat_steps([run.outputs.scores_until(length) for run in self.runs], self.pad_token_id)
 
 
 def candidate_rule(settings: BildSettings, large_model, small_model, costs) -> CandidateRule:
