@@ -64,7 +64,7 @@ def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["bench", "--config", str(config), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "| method | bleu | speedup |" in printed and "bild-lossless" in printed
+    assert "| method | bleu [95% CI] | chrf [95% CI] | speedup |" in printed and "bild-lossless" in printed
 
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert {"config", "environment", "task", "n_examples", "notes", "methods", "examples"} <= set(results)
@@ -108,7 +108,7 @@ def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
         }
 
     report = (out / "results.md").read_text(encoding="utf-8")
-    assert "| method | bleu |" in report and "bild-as-small" in report and "Columns:" in report
+    assert "| method | bleu [95% CI] |" in report and "bild-as-small" in report and "Columns:" in report
     # the machine a table comes from: CPU flags, torch's kernels, and each model's linear-layer path
     env = results["environment"]
     assert env["cpu_capability"] and set(env["kernels"]) == {"large", "small"}

@@ -154,3 +154,12 @@ def test_bart_siblings_placed_by_explicit_positions_see_what_their_own_path_sees
     large.set_attn_implementation(attention)
     src = torch.tensor([[5, 9, 12, 30, 7, EOS]])
     assert_siblings_see_their_own_path(large, src, absolute_positions(large, torch.tensor([0, 1, 2, 3, 3, 3])))
+
+
+def test_the_ensemble_weight_probe_follows_the_version():
+    from packaging.version import Version
+    from transformers import __version__
+
+    from bild.compat import supports_assistant_ensemble_weight
+
+    assert supports_assistant_ensemble_weight() == (Version(__version__) >= Version("5.25"))

@@ -30,6 +30,13 @@ tested in tests/test_compat.py:
 - `absolute_positions`: BART-like decoders (BART, mBART, Marian, Blenderbot, ...) add position embeddings from
   ``decoder.embed_positions``, whose forward takes ``position_ids`` (computed by the decoder from its cache
   length); a forward pre-hook replaces them for a forward whose tokens do not sit at their slots.
+- `supports_assistant_ensemble_weight`: stock's ``assistant_ensemble_weight`` is a GenerationConfig field (5.25 on).
+- Recurrent layers (`new_cache`, `crop_cache`, `keep_recurrent_states`, `has_recurrent_state`): transformers builds
+  linear-attention / state-space cache layers from the config (``DynamicCache(config=...)``, 5.2x); after
+  ``activate_past_recording(recurrent_states_to_keep=n)`` a layer keeps its conv buffer whole and appends, per
+  forward, the state before it and after each of its last ``n - 1`` tokens to ``recurrent_states_history[i]``;
+  ``crop(-k)`` restores ``history[-k]`` and forgets the record. bild sets ``recurrent_states_to_keep`` per forward,
+  and rolls back within a round itself from those attributes (keeping the record; see `_roll_back_recorded`).
 - The ``custom_generate=<callable>`` route of generate() itself (used in integration.py) is public API.
 """
 
@@ -222,6 +229,11 @@ class SeenByGenerate:
 
     def _on_generate(self) -> None:
         raise NotImplementedError
+
+
+def supports_assistant_ensemble_weight() -> bool:
+    """Whether stock assisted generation takes ``assistant_ensemble_weight`` (its lossy verification, 5.25 on)."""
+    return hasattr(GenerationConfig(), "assistant_ensemble_weight")
 
 
 def prepared_special_tokens(config: GenerationConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:

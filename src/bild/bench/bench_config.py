@@ -20,11 +20,14 @@ SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 METHOD_KEYS = {
     "large": (),
     "small": (),
-    "assisted": ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold"),
+    "assisted": ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+                 "assistant_ensemble_weight"),  # the last: stock's lossy verification (transformers >= 5.25)
     "bild": (*BILD_FIELDS, *CONTEXT_FIELDS),  # prompt_lookup_num_tokens, max_matching_ngram_size: context drafts
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
 DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size")  # see bench/loading.py
+ENSEMBLE_WEIGHT = "assistant_ensemble_weight"
+ENSEMBLE_VERSION = "5.25"  # the first transformers with `assistant_ensemble_weight` (static ensemble verification)
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,32 @@ class BenchConfig:
     threads: int | None = None
     kernels: str = "fit"  # linear-layer kernels of every model: fit (timed fastest here, bild.fit_kernels) | stock
     stop_strings: tuple[str, ...] = ()
+    # sampling: every method draws with these settings, once per seed (greedy: one run, seeds unused)
+    do_sample: bool = False
+    temperature: float | None = None  # None: 1.0 (no scaling)
+    top_p: float | None = None
+    top_k: int | None = None
+    seeds: tuple[int, ...] = (0,)
     drafters: dict = field(default_factory=dict)  # name -> {model, quantization, vocab_size}
     methods: tuple[MethodSpec, ...] = ()
+
+    @property
+    def sampling(self) -> dict | None:
+        """The sampling settings passed to every generate() call, or None for greedy decoding."""
+        if not self.do_sample:
+            return None
+        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                **{key: value for key, value in given.items() if value is not None}}  # fmt: skip
+
+    def decoding(self) -> str:
+        """``greedy`` or ``sampling (temperature 0.7, top_p 0.9), seeds 0, 1, 2``."""
+        if not self.do_sample:
+            return "greedy"
+        given = [f"{key} {getattr(self, key):g}" for key in ("temperature", "top_p", "top_k")
+                 if getattr(self, key) is not None]  # fmt: skip
+        settings = f" ({', '.join(given)})" if given else ""
+        return f"sampling{settings}, seed{'s' if len(self.seeds) > 1 else ''} {', '.join(map(str, self.seeds))}"
 
     def replace(self, **overrides: Any) -> BenchConfig:
         """A copy with the non-None ``overrides`` applied and validated (command-line options)."""
@@ -77,6 +104,7 @@ class BenchConfig:
             for m in self.methods
         ]
         values["stop_strings"] = list(self.stop_strings)
+        values["seeds"] = list(self.seeds)
         return values
 
 
@@ -124,6 +152,7 @@ def parse_config(raw: Any, source: str = "config") -> BenchConfig:
         if values.get(key) is not None and not isinstance(values[key], str):
             raise ValueError(f"{source}: `{key}` must be a string or left out, got {values[key]!r}.")
     values["stop_strings"] = _string_list(source, "stop_strings", values.get("stop_strings") or [])
+    values.update(_check_sampling(values, source))
     values["drafters"] = parse_drafters(values.get("drafters") or {}, source)
     values["methods"] = parse_methods(values.get("methods", list(DEFAULT_METHODS)), source)
     unknown = sorted({m.drafter for m in values["methods"] if m.drafter and m.drafter not in values["drafters"]})
@@ -207,6 +236,34 @@ def _check_bild(params: dict, source: str) -> dict:
     return {name: v for name, v in settings.items() if name not in CONTEXT_FIELDS or v is not None}  # unset: left out
 
 
+def _check_sampling(values: dict, source: str) -> dict:
+    """``do_sample``, ``temperature``, ``top_p``, ``top_k`` and ``seeds``, validated."""
+    do_sample = values.get("do_sample", False)
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"{source}: `do_sample` must be true or false, got {do_sample!r}.")
+    checked = {"do_sample": do_sample}
+    for key, low, high in (("temperature", 0.0, math.inf), ("top_p", 0.0, 1.0)):
+        value = values.get(key)
+        if value is not None and (not is_real(value) or not low < value <= high):
+            raise ValueError(f"{source}: `{key}` must be a number in ({low:g}, {high:g}], got {value!r}.")
+        checked[key] = None if value is None else float(value)
+    if values.get("top_k") is not None:
+        checked["top_k"] = _positive_int(source, "top_k", values["top_k"])
+    seeds = values.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+    if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):  # fmt: skip
+        raise ValueError(f"{source}: `seeds` must be a list of distinct integers >= 0, got {seeds!r}.")
+    if len(seeds) > 1 and not do_sample:
+        raise ValueError(f"{source}: several `seeds` ({list(seeds)}) only make sense with `do_sample: true`; "
+                         "greedy decoding gives the same output for every seed.")  # fmt: skip
+    sampled = [key for key in ("temperature", "top_p", "top_k") if checked.get(key) is not None]
+    if sampled and not do_sample:
+        raise ValueError(f"{source}: {sampled} set without `do_sample: true`; greedy decoding ignores them.")
+    checked["seeds"] = tuple(seeds)
+    return checked
+
+
 def _check_assisted(params: dict, source: str) -> dict:
     checked = {}
     if "num_assistant_tokens" in params:
@@ -226,14 +283,26 @@ def _check_assisted(params: dict, source: str) -> dict:
                 f"got {value!r}."
             )
         checked["assistant_confidence_threshold"] = float(value)
+    if ENSEMBLE_WEIGHT in params:
+        checked[ENSEMBLE_WEIGHT] = check_ensemble_weight(params[ENSEMBLE_WEIGHT], f"{source}: assisted")
     return checked
+
+
+def check_ensemble_weight(value: Any, what: str) -> float:
+    """An `assistant_ensemble_weight` in (0, 1], as a float; 1 is lossless (the large model's own verification)."""
+    if not is_real(value) or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"{what} `{ENSEMBLE_WEIGHT}` must be a number in (0, 1] (stock's lossy verification accepts drafts "
+            f"against w * p_large + (1 - w) * q_small; 1: lossless), got {value!r}."
+        )
+    return float(value)
 
 
 def default_label(name: str, params: dict) -> str:
     """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; candidates at the default "auto" unless marked:
     ``+c0``: the paper's rule, the unsure token dropped; ``+v``: the unsure token alone is checked; ``+c3``: it and
     its 2 next-best siblings; ``+pl3``: up to 3 context drafts a round),
-    ``assisted(n=5, constant, c=0.4)``, or the name."""
+    ``assisted(n=5, constant, c=0.4)``, ``assisted w=0.5`` (stock's ensemble weight), or the name."""
     if name == "bild" and params:
         k = params.get("fallback_candidates", DEFAULT_FALLBACK_CANDIDATES)
         checked = ""
@@ -252,7 +321,8 @@ def default_label(name: str, params: dict) -> str:
             parts.append(params["num_assistant_tokens_schedule"])
         if "assistant_confidence_threshold" in params:
             parts.append(f"c={params['assistant_confidence_threshold']:g}")
-        return f"assisted({', '.join(parts)})"
+        weight = f" w={params[ENSEMBLE_WEIGHT]:g}" if ENSEMBLE_WEIGHT in params else ""
+        return (f"assisted({', '.join(parts)})" if parts else "assisted") + weight
     return name
 
 

@@ -28,8 +28,10 @@ def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
         description="Search BiLD settings (fallback x rollback x max draft tokens) on a calibration slice of a "
         "benchmark config's data, pick the fastest one within the budget, confirm it on the next, held-out "
         "examples with a paired bootstrap interval, and write generation_config.json (bild.BildGenerationConfig), "
-        "calibration.json, calibration.md and pareto.png. Exit status 0: confirmed on the held-out slice; 1: "
-        "written, but not confirmed or violated there; 2: a mistake, or no setting within budget.",
+        "calibration.json, calibration.md, pareto.png and fronts.png; with --ensemble-weight, stock assisted "
+        "generation's ensemble weight is chosen and checked the same way. Exit status 0: BiLD's choice confirmed on "
+        "the held-out slice; 1: written, but not confirmed or violated there; 2: a mistake, or no setting within "
+        "budget.",
     )  # fmt: skip
     sub.add_argument("--config", required=True, type=Path, help="benchmark YAML, e.g. configs/qwen-coder-de-en.yaml")
     sub.add_argument(
@@ -52,6 +54,12 @@ def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
     sub.add_argument("--draft-costs", type=Path, help="measured DraftCosts JSON (scripts/profile_pair.py --save)")
     sub.add_argument("--drafter", help="draft with this entry of the config's `drafters` (e.g. int4; default: the "
                      "plain small model); a compressed one needs --draft-costs")  # fmt: skip
+    sub.add_argument("--ensemble-weight",
+                     help="also choose stock assisted generation's assistant_ensemble_weight from these values in (0, "
+                     "1] (e.g. 0.3,0.5,0.7,1; 1: lossless) by the same rule, and check it on the same held-out "
+                     "examples (transformers >= 5.25)")  # fmt: skip
+    sub.add_argument("--resume", action="store_true",
+                     help="continue an interrupted calibration in --out from its runs' journals (calls.jsonl)")
     sub.add_argument("--confidence", type=float, default=0.9, help="two-sided bootstrap interval (default 0.9)")
     sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     sub.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
@@ -73,14 +81,15 @@ def run_calibrate(args) -> int:
     caps = parse_draft_caps(args.max_draft_tokens) if args.max_draft_tokens else config_draft_caps(config)
     fallbacks, rollbacks = parse_float_list(args.fallback, "--fallback"), parse_float_list(args.rollback, "--rollback")
     grid = make_grid(fallbacks, rollbacks, caps)
+    weights = parse_float_list(args.ensemble_weight, "--ensemble-weight") if args.ensemble_weight else None
     out_dir = args.out or Path("runs") / f"{args.config.stem}-calibrate"
     result = calibrate(
         config, args.budget, grid=grid, calibration=args.calibration, held_out=args.held_out, out_dir=out_dir,
         speed=args.speed, draft_costs=args.draft_costs, confidence=args.confidence, n_bootstrap=args.bootstrap,
-        seed=args.seed, drafter=args.drafter, progress=not args.quiet,
+        seed=args.seed, drafter=args.drafter, ensemble_weights=weights, resume=args.resume, progress=not args.quiet,
     )  # fmt: skip
     print(result.summary())
-    names = ("generation_config.json", "calibration.json", "calibration.md", "pareto.png")
+    names = ("generation_config.json", "calibration.json", "calibration.md", "pareto.png", "fronts.png")
     print("wrote " + ", ".join(str(out_dir / name) for name in names))
     return 0 if result.is_confirmed else 1
 

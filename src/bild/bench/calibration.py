@@ -8,6 +8,11 @@ following, never overlapping, held-out slice and reports the same interval there
 budgets the bootstrap of a setting that changes some outputs also draws one unseen example at its worst
 (`WORST_EXAMPLE`): changed answers that happened to keep their score are not proof of safety.
 
+With ``ensemble_weights``, stock assisted generation's lossy rule (``assistant_ensemble_weight=w``, transformers
+>= 5.25) gets the same treatment in the same runs: every weight runs on the calibration slice beside the BiLD grid
+(with the same drafter), the fastest weight whose interval stays within the budget is chosen, and it runs on the
+held-out slice beside BiLD's choice, with its own interval and verdict.
+
 Speed from model calls (``speed="calls"``, the default; deterministic): the cost of a method on a slice, in
 units of one single-token large-model forward (`bild.DraftCosts`), is
 
@@ -16,6 +21,8 @@ units of one single-token large-model forward (`bild.DraftCosts`), is
 with ``S`` and ``L`` the small and large forward calls counted during the run, ``rows`` the mean number of
 rows per generate() call (the batch size, less for a short last batch), and ``drafted / rounds`` BiLD's
 mean drafted tokens per verification round (0 for the large model alone: ``cost = L * large_cost(rows)``).
+Stock assisted generation runs row by row (``rows = 1``) and reports no drafts: each small forward drafts one
+token, so ``drafted / rounds`` is taken as ``S / L``.
 Prompt prefill is left out: every method pays it alike. The estimated speedup of a setting is
 ``cost(large) / cost(setting)``. ``speed="wall"`` uses measured wall time instead (noisy on shared machines).
 """
@@ -34,10 +41,10 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from bild.bench.bench_config import BenchConfig
+from bild.bench.bench_config import ENSEMBLE_WEIGHT, BenchConfig, check_ensemble_weight
 from bild.bench.machine import resolve_device, resolve_dtype
 from bild.bench.paths import resolve_model
-from bild.bench.plot import plot_pareto
+from bild.bench.plot import plot_fronts, plot_pareto
 from bild.bench.report import json_safe, write_results
 from bild.bench.running import run_bench
 from bild.bench.tasks import Example, Task, get_task
@@ -194,6 +201,11 @@ class CalibrationResult:
     chosen: GridPoint
     held_out: HeldOutCheck
     out_dir: Path
+    # stock's ensemble weight (``ensemble_weights``): its points, the fastest within budget (None: none is) and
+    # that weight's held-out check
+    ensemble_grid: tuple[GridPoint, ...] = ()
+    ensemble_chosen: GridPoint | None = None
+    ensemble_held_out: HeldOutCheck | None = None
 
     @property
     def generation_config(self) -> BildGenerationConfig:
@@ -229,10 +241,25 @@ class CalibrationResult:
             f"[{check.low:.3g}, {check.high:.3g}], "
             f"{check.speedup:.2f}x: {check.verdict}."
         )
+        if self.ensemble_grid:
+            lines.append(self.ensemble_summary())
         if check.n_examples < FEW_HELD_OUT:
             lines.append(f"Note: {check.n_examples} held-out examples are too few for a bootstrap to show the "
                          f"uncertainty of unseen ones; use {FEW_HELD_OUT} or more.")  # fmt: skip
         return "\n".join(lines)
+
+    def ensemble_summary(self) -> str:
+        """Stock's ensemble weight: the choice on the calibration slice and its held-out verdict, in one line."""
+        within = sum(p.is_within_budget for p in self.ensemble_grid)
+        head = f"Stock ensemble weight: {within} of {len(self.ensemble_grid)} weights within budget"
+        chosen, check = self.ensemble_chosen, self.ensemble_held_out
+        if chosen is None:
+            best = max(self.ensemble_grid, key=lambda p: p.low)
+            return (f"{head}; none chosen (the best, {best.label}, reached "
+                    f"{format_statistic(self.budget, best.statistic)}, interval down to {best.low:.3g}).")
+        return (f"{head}; chose {chosen.label}: {chosen.speedup:.2f}x, {format_statistic(self.budget, chosen.statistic)}"
+                f". Held-out: {format_statistic(self.budget, check.statistic)}, {check.confidence:.0%} interval "
+                f"[{check.low:.3g}, {check.high:.3g}], {check.speedup:.2f}x: {check.verdict}.")
 
     def to_dict(self) -> dict:
         """Plain data for ``calibration.json``."""
@@ -244,6 +271,11 @@ class CalibrationResult:
             "grid": [dataclasses.asdict(p) for p in self.grid], "choice": dataclasses.asdict(self.chosen),
             "fastest_lossless": None if lossless is None else lossless.label,
             "held_out": dataclasses.asdict(self.held_out),
+            "ensemble": None if not self.ensemble_grid else {
+                "grid": [dataclasses.asdict(p) for p in self.ensemble_grid],
+                "choice": None if self.ensemble_chosen is None else dataclasses.asdict(self.ensemble_chosen),
+                "held_out": None if self.ensemble_held_out is None else dataclasses.asdict(self.ensemble_held_out),
+            },
         }  # fmt: skip
 
 
@@ -261,6 +293,8 @@ def calibrate(
     n_bootstrap: int = 1000,
     seed: int = 0,
     drafter: str | None = None,
+    ensemble_weights: Sequence[float] | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> CalibrationResult:
     """The fastest BiLD setting of ``grid`` within ``budget`` on a calibration slice, checked on a held-out slice.
@@ -282,6 +316,10 @@ def calibrate(
         drafter: a name from the config's ``drafters`` (e.g. its int4 drafter) that every setting drafts with;
             None: the config's plain small model. A compressed or early-exit drafter needs measured ``draft_costs``
             with ``speed="calls"`` (weight bytes of the uncompressed model would misprice it).
+        ensemble_weights: stock assisted generation's ``assistant_ensemble_weight`` values (each in (0, 1]; 1:
+            lossless) to choose from in the same way, on the same slices (transformers >= 5.25). The stock settings
+            are those of the config's first assisted method (else stock's defaults); the drafter is ``drafter``.
+        resume: continue an interrupted calibration in ``out_dir`` from the journals of its two bench runs.
         progress: show run_bench's progress bars.
 
     Raises:
@@ -289,6 +327,9 @@ def calibrate(
     """
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     check_options(speed, calibration, held_out, confidence, n_bootstrap)
+    if len(config.seeds) > 1:
+        raise ValueError(f"calibrate runs one seed; the config has seeds {list(config.seeds)}: keep one.")
+    weights = [check_ensemble_weight(w, "ensemble weight:") for w in ensemble_weights or ()]
     if grid is None:
         grid = make_grid(DEFAULT_FALLBACKS, DEFAULT_ROLLBACKS, config_draft_caps(config))
     task = get_task(config.task)
@@ -297,21 +338,39 @@ def calibrate(
     drafters = drafter_entry(config, drafter)
     costs = resolve_costs(speed, draft_costs, config, drafters.get(drafter))
     uses = {"drafter": drafter} if drafter else {}
-    methods = [LARGE, *({"name": "bild", **settings, **uses} for settings in grid)]  # validated by the bench config
-    search = run_bench(config.replace(methods=methods, limit=calibration, drafters=drafters), progress=progress)
-    points = grid_points(search, task, calibration_examples, budget, costs, confidence=confidence,
-                         n_bootstrap=n_bootstrap, seed=seed)
+    stock = stock_settings(config)
+    ensemble = [{"name": "assisted", **stock, ENSEMBLE_WEIGHT: w, **uses} for w in weights]
+    methods = [LARGE, *({"name": "bild", **settings, **uses} for settings in grid), *ensemble]  # validated by the bench
+    out_dir = Path(out_dir)
+    search = run_bench(config.replace(methods=methods, limit=calibration, drafters=drafters), progress=progress,
+                       out_dir=out_dir / "search", resume=resume)  # fmt: skip
+    options = {"confidence": confidence, "n_bootstrap": n_bootstrap, "seed": seed}
+    points = grid_points(search, task, calibration_examples, budget, costs, **options)
     chosen = choose(points, budget, calibration)
-    held_config = config.replace(methods=[LARGE, {"name": "bild", **chosen.params, "label": chosen.label, **uses}],
-                                 skip=config.skip + calibration, limit=held_out, drafters=drafters)  # fmt: skip
-    check_run = run_bench(held_config, progress=progress)
-    check = confirm(check_run, task, held_out_examples, budget, chosen.label, costs, first=config.skip + calibration,
-                    confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
+    ensemble_points = grid_points(search, task, calibration_examples, budget, costs, name="assisted", **options)
+    ensemble_chosen = fastest_within(ensemble_points)
+    held_methods = [LARGE, {"name": "bild", **chosen.params, "label": chosen.label, **uses}]
+    if ensemble_chosen is not None:
+        held_methods.append({"name": "assisted", **ensemble_chosen.params, "label": ensemble_chosen.label, **uses})
+    held_config = config.replace(methods=held_methods, skip=config.skip + calibration, limit=held_out,
+                                 drafters=drafters)  # fmt: skip
+    check_run = run_bench(held_config, progress=progress, out_dir=out_dir / "held-out", resume=resume)
+    first = config.skip + calibration
+    check = confirm(check_run, task, held_out_examples, budget, chosen.label, costs, first=first, **options)
+    ensemble_check = None if ensemble_chosen is None else confirm(
+        check_run, task, held_out_examples, budget, ensemble_chosen.label, costs, first=first, **options)  # fmt: skip
     large_quality = search["methods"][LARGE]["quality"]
     result = CalibrationResult(budget, task.metric, speed, config.skip, calibration, large_quality,
-                               tuple(points), chosen, check, Path(out_dir))  # fmt: skip
+                               tuple(points), chosen, check, out_dir, tuple(ensemble_points), ensemble_chosen,
+                               ensemble_check)  # fmt: skip
     write_outputs(result, search, check_run, costs)
     return result
+
+
+def stock_settings(config: BenchConfig) -> dict:
+    """The settings of the config's first assisted method, without its ensemble weight (none: stock's defaults)."""
+    assisted = next((spec for spec in config.methods if spec.name == "assisted"), None)
+    return {} if assisted is None else {k: v for k, v in assisted.params.items() if k != ENSEMBLE_WEIGHT}
 
 
 def check_options(speed: str, calibration: int, held_out: int, confidence: float, n_bootstrap: int) -> None:
@@ -414,6 +473,8 @@ def method_cost(summary: dict, costs: DraftCosts, rows: float) -> float:
     """A method's cost from its forward counts, in single-token large forwards (module docstring)."""
     stats = summary.get("bild") or {}
     drafts_per_round = stats["drafted"] / stats["large_forwards"] if stats.get("large_forwards") else 0.0
+    if summary.get("name") == "assisted" and summary["large_forwards"]:  # row by row; one draft per small forward
+        drafts_per_round, rows = summary["small_forwards"] / summary["large_forwards"], 1.0
     return summary["small_forwards"] * costs.small_cost(rows) + summary["large_forwards"] * costs.large_cost(
         rows * (1 + drafts_per_round)
     )
@@ -436,8 +497,9 @@ def speedups(results: dict, costs: DraftCosts | None) -> dict[str, float]:
 
 
 def grid_points(results: dict, task: Task, examples: list[Example], budget: Budget, costs: DraftCosts | None, *,
-                confidence: float, n_bootstrap: int, seed: int) -> list[GridPoint]:  # fmt: skip
-    """Every BiLD method of a bench run as a `GridPoint`, in grid order, with its paired bootstrap lower bound.
+                confidence: float, n_bootstrap: int, seed: int, name: str = "bild") -> list[GridPoint]:  # fmt: skip
+    """Every BiLD method (``name="assisted"``: every stock assisted one) of a bench run as a `GridPoint`, in grid
+    order, with its paired bootstrap lower bound.
 
     A setting is within budget only when the lower end of its interval is: the fastest of twenty settings
     whose point estimate merely touches the budget is mostly the luckiest one (the winner's curse), and a
@@ -446,7 +508,7 @@ def grid_points(results: dict, task: Task, examples: list[Example], budget: Budg
     speed = speedups(results, costs)
     points = []
     for label, summary in results["methods"].items():
-        if summary["name"] != "bild":
+        if summary["name"] != name:
             continue
         statistic, n_resampled = run_statistic(results, task, examples, budget, label)
         point, low, _ = paired_bootstrap(statistic, len(examples), confidence=confidence, n_bootstrap=n_bootstrap,
@@ -456,11 +518,17 @@ def grid_points(results: dict, task: Task, examples: list[Example], budget: Budg
     return points
 
 
-def choose(points: list[GridPoint], budget: Budget, n_examples: int) -> GridPoint:
-    """The fastest point within budget (ties: the better lower bound, then grid order); ValueError if none is."""
+def fastest_within(points: list[GridPoint]) -> GridPoint | None:
+    """The fastest point within budget (ties: the better lower bound, then grid order), None if none is."""
     within = [p for p in points if p.is_within_budget]
-    if within:
-        return max(within, key=lambda p: (p.speedup, p.low))
+    return max(within, key=lambda p: (p.speedup, p.low)) if within else None
+
+
+def choose(points: list[GridPoint], budget: Budget, n_examples: int) -> GridPoint:
+    """The fastest point within budget (`fastest_within`); ValueError if none is."""
+    chosen = fastest_within(points)
+    if chosen is not None:
+        return chosen
     best = max(points, key=lambda p: p.low)
     looser = f"agreement>={math.floor(best.low * 100) / 100:g}" if budget.is_agreement else (
         f"{budget.metric}>={math.floor(best.low):g}")  # fmt: skip
@@ -534,16 +602,16 @@ def example_differences(task: Task, metric: str, examples: list[Example], predic
 def metric_difference(task: Task, metric: str, examples: list[Example], predictions: list[str],
                       large_predictions: list[str], sign: float) -> Callable[[np.ndarray], float]:  # fmt: skip
     """``statistic(indices)``: sign * (score of ``predictions`` - score of ``large_predictions``) on those examples,
-    for a corpus metric (BLEU, chrF): rescored with ``task.score`` on every call. Per-example metrics
-    (`MEAN_METRICS`) are scored once each by `example_differences` instead (`run_statistic`).
+    for a corpus metric (BLEU, chrF), from the metric library's per-sentence statistics (`Task.scorer`: each
+    sentence scored once, a resample's sums turned into the corpus score). Per-example metrics (`MEAN_METRICS`) are
+    scored once each by `example_differences` instead (`run_statistic`).
     """
-    if predictions == large_predictions:  # lossless on this slice: no resample can differ (and rescoring is slow)
+    if predictions == large_predictions:  # lossless on this slice: no resample can differ
         return lambda idx: 0.0
+    ours, theirs = task.scorer(predictions, examples), task.scorer(large_predictions, examples)
 
     def corpus_difference(idx: np.ndarray) -> float:
-        chosen = [examples[i] for i in idx]
-        ours = task.score([predictions[i] for i in idx], chosen)[metric]
-        return sign * (ours - task.score([large_predictions[i] for i in idx], chosen)[metric])
+        return sign * (ours(idx)[metric] - theirs(idx)[metric])
 
     return corpus_difference
 
@@ -574,8 +642,8 @@ def verdict(budget: Budget, point: float, low: float) -> str:
 
 def write_outputs(result: CalibrationResult, search: dict, check_run: dict,
                   costs: DraftCosts | None) -> dict[str, Path]:  # fmt: skip
-    """Write ``generation_config.json``, ``calibration.json``, ``calibration.md``, ``pareto.png`` and the two bench
-    runs (``search/``, ``held-out/``) into ``result.out_dir``; returns the paths of the first four."""
+    """Write ``generation_config.json``, ``calibration.json``, ``calibration.md``, ``pareto.png``, ``fronts.png`` and
+    the two bench runs (``search/``, ``held-out/``) into ``result.out_dir``; returns the paths of the first five."""
     out_dir = result.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     result.generation_config.save_pretrained(out_dir)
@@ -590,7 +658,9 @@ def write_outputs(result: CalibrationResult, search: dict, check_run: dict,
     text = json.dumps(json_safe(data), indent=2, ensure_ascii=False, allow_nan=False)
     paths["json"].write_text(text + "\n", encoding="utf-8")
     paths["md"].write_text(markdown_report(result), encoding="utf-8")
-    paths["png"] = plot_pareto(results_to_plot(search, costs), out_dir / "pareto.png")
+    plotted = results_to_plot(search, costs)
+    paths["png"] = plot_pareto(plotted, out_dir / "pareto.png")
+    paths["fronts"] = plot_fronts(plotted, out_dir / "fronts.png")
     return paths
 
 
@@ -637,4 +707,34 @@ def markdown_report(result: CalibrationResult) -> str:
         f"Speed: {SPEED_WORDS[result.speed]}; see the `bild.bench.calibration` module docstring for the cost formula.",
         "",
     ]
+    if result.ensemble_grid:
+        lines += ensemble_report(result, name)
     return "\n".join(lines)
+
+
+def ensemble_report(result: CalibrationResult, name: str) -> list[str]:
+    """The ``calibration.md`` section of stock's ensemble weight: its table (choice in bold) and held-out check."""
+    chosen, check = result.ensemble_chosen, result.ensemble_held_out
+    lines = [
+        "## Stock assisted generation's ensemble weight",
+        "",
+        f"The same budget and rule for `{ENSEMBLE_WEIGHT}` (stock's lossy verification), on the same slices.",
+        "",
+        f"| setting | {result.metric} | {name} | {result.held_out.confidence:.0%} interval from | =large | speedup | "
+        "within budget |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for p in result.ensemble_grid:
+        label = f"**{p.label}**" if chosen is not None and p.label == chosen.label else p.label
+        lines.append(f"| {label} | {p.quality:.4g} | {p.statistic:+.4g} | {p.low:+.4g} | {p.agreement:.2f} | "
+                     f"{p.speedup:.2f}x | {'yes' if p.is_within_budget else 'no'} |")  # fmt: skip
+    lines.append("")
+    if check is None:
+        lines.append("No weight is within the budget over its interval: none was checked on the held-out slice.")
+    else:
+        lines.append(
+            f"Held-out check: large {result.metric} {check.large_quality:.4g}, {chosen.label} {check.quality:.4g}; "
+            f"{name} {check.statistic:+.4g}, paired bootstrap {check.confidence:.0%} interval [{check.low:+.4g}, "
+            f"{check.high:+.4g}], {check.speedup:.2f}x. Verdict: **{check.verdict}**."
+        )
+    return [*lines, ""]

@@ -14,12 +14,21 @@ from transformers.utils import logging
 
 from bild.bench import distributed
 from bild.bench.align_cli import add_align_parser
-from bild.bench.bench_config import BenchConfig, MethodSpec, load_config, parse_float, parse_float_list
+from bild.bench.bench_config import (
+    ENSEMBLE_WEIGHT,
+    BenchConfig,
+    MethodSpec,
+    check_ensemble_weight,
+    load_config,
+    parse_float,
+    parse_float_list,
+)
 from bild.bench.calibrate_cli import add_calibrate_parser
 from bild.bench.loading import load_pair
 from bild.bench.machine import add_machine_options, clock, resolve_device, resolve_dtype
 from bild.bench.methods import greedy_kwargs, new_token_ids
-from bild.bench.plot import plot_pareto
+from bild.bench.metrics import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE
+from bild.bench.plot import plot_fronts, plot_pareto
 from bild.bench.report import markdown_table, write_results
 from bild.bench.running import run_bench
 from bild.bench.tasks.base import chat_prompt
@@ -56,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{generate,bench,sweep,calibrate,align}")
     _add_generate_parser(verbs)
-    _add_run_parser(verbs, "bench", "compare large, small, assisted and BiLD on a task", run_bench_verb)
+    bench = _add_run_parser(verbs, "bench", "compare large, small, assisted and BiLD on a task", run_bench_verb)
+    bench.add_argument("--plot", action="store_true",
+                       help="also draw the speed/quality fronts (fronts.png) and the Pareto plot (pareto.png)")  # fmt: skip
     sweep = _add_run_parser(
-        verbs, "sweep", "BiLD over a (fallback, rollback) grid plus baselines, with a Pareto plot", run_sweep
-    )
+        verbs, "sweep", "BiLD over a (fallback, rollback) grid plus baselines, with a Pareto plot and the speed/quality "
+        "fronts of BiLD's rollback rule and stock's ensemble weight", run_sweep,
+    )  # fmt: skip
     sweep.add_argument(
         "--fallback", default=DEFAULT_FALLBACKS, help=f"fallback thresholds ({DEFAULT_FALLBACKS})"
     )
@@ -67,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rollback", default=DEFAULT_ROLLBACKS, help=f"rollback thresholds ({DEFAULT_ROLLBACKS})"
     )
     sweep.add_argument("--max-draft-tokens", type=int, help="N for every grid point (default: the config's)")
+    sweep.add_argument(
+        "--ensemble-weight", help="stock assisted generation's lossy rule: each of the config's assisted methods "
+        f"(or stock defaults) once per weight w in (0, 1] ({ENSEMBLE_WEIGHT}; 1: lossless), e.g. 0.3,0.5,0.7,1",
+    )  # fmt: skip
+    sweep.add_argument("--drafter", help="every drafting method of the sweep (BiLD grid, assisted) drafts with this "
+                       "entry of the config's `drafters` (e.g. int4)")  # fmt: skip
     add_calibrate_parser(verbs)
     add_align_parser(verbs)
     return parser
@@ -112,6 +130,18 @@ def _add_run_parser(verbs, verb: str, help_text: str, run) -> argparse.ArgumentP
     sub.add_argument("--batch-size", type=int)
     sub.add_argument("--max-new-tokens", type=int)
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in --out: calls its journal (calls.jsonl) holds are not run "
+                     "again; the config must match (methods, seeds and --limit may grow)")  # fmt: skip
+    sub.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (every method)")
+    sub.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
+    sub.add_argument("--top-p", type=float, help="nucleus sampling (with --do-sample)")
+    sub.add_argument("--seeds", help="comma-separated sampling seeds, e.g. 0,1,2: every method runs once per seed "
+                     "(default: the config's, else 0)")  # fmt: skip
+    sub.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                     help=f"two-sided bootstrap interval of each quality figure (default {DEFAULT_CONFIDENCE:g})")  # fmt: skip
+    sub.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                     help=f"bootstrap resamples of the examples (default {DEFAULT_BOOTSTRAP}; 0: no intervals)")  # fmt: skip
     add_machine_options(sub, defaults=False)
     sub.set_defaults(run=run)
     return sub
@@ -131,43 +161,78 @@ def quiet_transformers() -> None:
 
 def load_overridden(args) -> BenchConfig:
     """The config file with the command-line overrides applied."""
+    sampling = {"do_sample": True} if args.do_sample else {}
     return load_config(args.config).replace(
         limit=args.limit, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, threads=args.threads, kernels=args.kernels,
+        max_new_tokens=args.max_new_tokens, threads=args.threads, kernels=args.kernels, temperature=args.temperature,
+        top_p=args.top_p, seeds=parse_seeds(args.seeds) if args.seeds else None, **sampling,
     )  # fmt: skip
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ValueError on anything but integers >= 0."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        raise ValueError(f"--seeds: expected comma-separated integers >= 0, got {text!r}.")
+    return [int(item) for item in items]
 
 
 def run_bench_verb(args) -> int:
     config = load_overridden(args)
-    return _run_and_report(config, args, args.out or Path("runs") / args.config.stem, plot=False)
+    return _run_and_report(config, args, args.out or Path("runs") / args.config.stem, plot=args.plot)
 
 
 def run_sweep(args) -> int:
     config = load_overridden(args)
+    weights = parse_ensemble_weights(args.ensemble_weight) if args.ensemble_weight else ()
     methods = sweep_methods(config, parse_float_list(args.fallback, "--fallback"),
-                            parse_float_list(args.rollback, "--rollback"), args.max_draft_tokens)  # fmt: skip
+                            parse_float_list(args.rollback, "--rollback"), args.max_draft_tokens, weights,
+                            args.drafter)  # fmt: skip
     config = config.replace(methods=methods)
     return _run_and_report(config, args, args.out or Path("runs") / f"{args.config.stem}-sweep", plot=True)
 
 
-def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: int | None) -> list:
-    """``large``, ``small``, the config's assisted entries (or stock defaults), then the BiLD grid."""
+def parse_ensemble_weights(text: str) -> list[float]:
+    """``"0.3,0.5,1"`` -> ``[0.3, 0.5, 1.0]``: stock's ensemble weights, each in (0, 1]."""
+    return [check_ensemble_weight(w, "--ensemble-weight:") for w in parse_float_list(text, "--ensemble-weight")]
+
+
+def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: int | None,
+                  ensemble_weights=(), drafter: str | None = None) -> list:  # fmt: skip
+    """``large``, ``small``, the config's assisted entries (or stock defaults), each once per ensemble weight when
+    ``ensemble_weights`` are given, then the BiLD grid; ``drafter``: every drafting method drafts with it."""
+    if drafter is not None and drafter not in config.drafters:
+        names = sorted(config.drafters) or "none: add a `drafters:` entry to the config"
+        raise ValueError(f"--drafter {drafter!r} is not one of the config's drafters ({names}).")
+    uses = {"drafter": drafter} if drafter else {}
     assisted = [spec for spec in config.methods if spec.name == "assisted"] or [MethodSpec("assisted")]
+    entries = [{"name": "assisted", **spec.params, **({"drafter": spec.drafter} if spec.drafter else {}), **uses}
+               for spec in assisted]  # fmt: skip
+    if ensemble_weights:
+        entries = [{**{k: v for k, v in entry.items() if k != ENSEMBLE_WEIGHT}, ENSEMBLE_WEIGHT: weight}
+                   for entry in entries for weight in ensemble_weights]  # fmt: skip
+    elif not uses:
+        entries = assisted  # as configured, labels included
+    entries = list({repr(entry): entry for entry in entries}.values())  # one drafter for all may make some equal
     if max_draft_tokens is None:
         configured = [spec.params["max_draft_tokens"] for spec in config.methods if spec.name == "bild"]
         max_draft_tokens = configured[0] if configured else None
     grid = []
     for fallback in fallbacks:
         for rollback in rollbacks:
-            entry = {"name": "bild", "fallback_threshold": fallback, "rollback_threshold": rollback}
+            entry = {"name": "bild", "fallback_threshold": fallback, "rollback_threshold": rollback, **uses}
             if max_draft_tokens is not None:
                 entry["max_draft_tokens"] = max_draft_tokens
             grid.append(entry)
-    return [MethodSpec("large"), MethodSpec("small"), *assisted, *grid]
+    return [MethodSpec("large"), MethodSpec("small", drafter=drafter), *entries, *grid]
 
 
 def _run_and_report(config: BenchConfig, args, out_dir: Path, *, plot: bool) -> int:
-    results = run_bench(config, progress=not args.quiet, config_file=str(args.config))
+    if args.bootstrap < 0 or not 0 < args.confidence < 1:
+        raise ValueError(f"--bootstrap must be >= 0 and --confidence in (0, 1), got {args.bootstrap} and "
+                         f"{args.confidence}.")  # fmt: skip
+    results = run_bench(config, progress=not args.quiet, config_file=str(args.config), out_dir=out_dir,
+                        resume=args.resume, confidence=args.confidence, n_bootstrap=args.bootstrap)  # fmt: skip
     if results is None:  # not the main process of a multi-process run: the main one writes and prints
         return 0
     paths = write_results(results, out_dir)
@@ -177,6 +242,7 @@ def _run_and_report(config: BenchConfig, args, out_dir: Path, *, plot: bool) -> 
     written = [paths["json"], paths["md"]]
     if plot:
         written.append(plot_pareto(results, out_dir / "pareto.png"))
+        written.append(plot_fronts(results, out_dir / "fronts.png"))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

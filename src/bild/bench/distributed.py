@@ -55,6 +55,12 @@ def process_device(device: torch.device) -> torch.device:
     return process_state().device
 
 
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for in one process)."""
+    if num_processes() > 1:
+        process_state().wait_for_everyone()
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This process's contiguous share of ``items``: shares differ in size by at most one, in process order.
 

@@ -7,10 +7,12 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import StoppingCriteriaList, StopStringCriteria
 
-from bild.bench.bench_config import MethodSpec
+from bild.bench.bench_config import ENSEMBLE_VERSION, ENSEMBLE_WEIGHT, BenchConfig, MethodSpec
 from bild.bench.loading import Batch, ModelPair
+from bild.compat import supports_assistant_ensemble_weight
 from bild.early_exit import EarlyExitDrafter
 from bild.schedule import AUTO, DraftCosts
 from bild.stats import BildStats
@@ -53,10 +55,16 @@ def count_forwards(models: dict[str, torch.nn.Module]):
 
 
 def generate(
-    spec: MethodSpec, pair: ModelPair, batch: Batch, max_new_tokens: int, stopping_criteria=None
+    spec: MethodSpec, pair: ModelPair, batch: Batch, max_new_tokens: int, stopping_criteria=None,
+    sampling: dict | None = None,
 ) -> Generated:
-    """Run one method on one batch; greedy decoding for all, ended by EOS, ``stopping_criteria`` or the budget."""
+    """Run one method on one batch, ended by EOS, ``stopping_criteria`` or the budget.
+
+    Greedy decoding for all, or with ``sampling`` (`BenchConfig.sampling`: ``do_sample``, ``temperature``, ...)
+    sampling for all; the caller seeds torch's generator.
+    """
     kwargs = greedy_kwargs(pair, max_new_tokens)
+    kwargs.update(sampling or {})
     if stopping_criteria:
         kwargs["stopping_criteria"] = stopping_criteria
     small = pair.drafter(spec.drafter)
@@ -94,6 +102,17 @@ def stop_string_criteria(pair: ModelPair, stop_strings: tuple[str, ...]) -> Stop
     return StoppingCriteriaList([StopStringCriteria(pair.tokenizer, list(stop_strings))])
 
 
+def check_supported(config: BenchConfig) -> None:
+    """ValueError, before any model loads, for a method the installed transformers cannot run."""
+    weighted = [spec.label for spec in config.methods if ENSEMBLE_WEIGHT in spec.params]
+    if weighted and not supports_assistant_ensemble_weight():
+        raise ValueError(
+            f"Methods {weighted} set `{ENSEMBLE_WEIGHT}`, stock assisted generation's lossy verification, which "
+            f"needs transformers >= {ENSEMBLE_VERSION}; this is transformers {transformers.__version__}. Upgrade "
+            f"(pip install 'transformers>={ENSEMBLE_VERSION}') or drop the key."
+        )
+
+
 def greedy_kwargs(pair: ModelPair, max_new_tokens: int) -> dict:
     """Plain greedy decoding for every method, whatever sampling defaults the checkpoints ship with."""
     return dict(
@@ -111,12 +130,18 @@ def _assisted(spec: MethodSpec, pair: ModelPair, small, row: dict, kwargs: dict)
     """Stock assisted generation of one row; its draft settings live in the small model's generation config.
 
     The small model's generation config is restored afterwards, so a heuristic schedule starts afresh for
-    every example (stock generate() would carry the adapted draft length into the next call).
+    every example (stock generate() would carry the adapted draft length into the next call). The ensemble
+    weight belongs to the large model's call: ``generate(..., assistant_ensemble_weight=w)``; at ``w = 1``
+    (the large model's distribution alone: lossless) it is left out, as stock refuses 1.
     """
+    params = dict(spec.params)
+    weight = params.pop(ENSEMBLE_WEIGHT, None)
+    if weight is not None and weight < 1.0:
+        kwargs = {**kwargs, ENSEMBLE_WEIGHT: weight}
     saved = small.generation_config
     small.generation_config = copy.deepcopy(saved)
     try:
-        for key, value in spec.params.items():
+        for key, value in params.items():
             setattr(small.generation_config, key, value)
         out = pair.large.generate(**row, **kwargs, assistant_model=small)
     finally:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 BASELINE_MARKERS = {"large": ("s", "tab:red"), "small": ("v", "tab:green"), "assisted": ("D", "tab:purple")}
+BILD_COLORS = ("tab:blue", "tab:cyan", "tab:green", "tab:olive", "navy", "teal")
+STOCK_COLORS = ("tab:purple", "tab:orange", "tab:pink", "tab:brown", "magenta", "goldenrod")
+ENSEMBLE_WEIGHT = "assistant_ensemble_weight"
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
@@ -110,3 +115,116 @@ def plot_variants(results: list[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def plot_fronts(results: dict, path: str | Path) -> Path:
+    """Write ``path`` (PNG): the speed/quality fronts of both lossy rules, one panel per reported metric.
+
+    x: speedup vs large; y: the metric (chrF and BLEU for translation, ROUGE-L for summarization, pass@1 for code),
+    with the large model's score as a horizontal line (its bootstrap interval shaded). BiLD's methods that differ
+    only in ``rollback_threshold`` form one curve (annotated with the rollback), stock assisted methods that differ
+    only in ``assistant_ensemble_weight`` another (annotated with w; none set is w = 1, lossless). Error bars: each
+    point's bootstrap interval; sampling runs: the mean over seeds, and each seed's own point faint beside it.
+    Needs a ``large`` method (for speedups).
+    """
+    task, methods = results["task"], results["methods"]
+    metrics = list(task.get("reported") or [task["metric"]])
+    large = next((s for s in methods.values() if s["name"] == "large" and s.get("speedup")), None)
+    if large is None:
+        raise ValueError("Nothing to plot: the fronts need a `large` method (for speedups) and scores.")
+    curves = front_curves(results)
+    fig = Figure(figsize=(6.4 * len(metrics), 5.2), dpi=120)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        value = _score(large, metric)
+        interval = (large.get("intervals") or {}).get(metric)
+        ax.axhline(value, c="tab:red", ls="--", lw=1.2, label=f"large ({value:.2f})", zorder=1)
+        if interval:
+            ax.axhspan(interval["low"], interval["high"], color="tab:red", alpha=0.08, lw=0, zorder=0)
+        for curve in curves:
+            _draw_curve(ax, curve, metric)
+        small = [(label, s) for label, s in methods.items() if s["name"] == "small" and s.get("speedup")]
+        for label, summary in small:
+            _draw_curve(ax, {"label": label, "color": "tab:green", "marker": "v", "points": [(label, summary, "")]},
+                        metric)  # fmt: skip
+        ax.axvline(1.0, c="lightgray", lw=0.8, zorder=0)
+        ax.set_xlabel("speedup vs large (wall time)")
+        ax.set_ylabel(f"{metric} ({'higher' if task['higher_is_better'] else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    names = " / ".join(Path(results["config"][key]).name for key in ("large", "small"))
+    level = f"{interval['confidence']:.0%} bootstrap intervals" if interval else "no intervals"
+    fig.suptitle(f"{task['name']}, {results['n_examples']} examples, {results.get('decoding', 'greedy')}: {names}; "
+                 f"error bars: {level}", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def front_curves(results: dict) -> list[dict]:
+    """The curves of `plot_fronts`: ``{"label", "color", "marker", "points": [(method label, summary, note)]}``.
+
+    BiLD methods are grouped by every setting but the rollback threshold (and by drafter), sorted by it; stock
+    assisted methods by every setting but the ensemble weight, sorted by it (none set: 1, lossless).
+    """
+    drafters = {m["label"]: m.get("drafter") for m in results["config"].get("methods", []) if isinstance(m, dict)}
+    groups: dict[tuple, list] = {}
+    for label, summary in results["methods"].items():
+        if summary["name"] not in ("bild", "assisted") or not summary.get("speedup"):
+            continue
+        swept = "rollback_threshold" if summary["name"] == "bild" else ENSEMBLE_WEIGHT
+        rest = {k: v for k, v in summary["params"].items() if k != swept}
+        key = (summary["name"], json.dumps(rest, sort_keys=True, default=str), drafters.get(label))
+        groups.setdefault(key, []).append((_swept_value(summary, swept), label, summary))
+    curves, n_bild, n_stock = [], 0, 0
+    for (name, rest, drafter), members in groups.items():
+        members.sort(key=lambda m: m[0])
+        params, suffix = json.loads(rest), f" [{drafter}]" if drafter else ""
+        if name == "bild":
+            color, n_bild = BILD_COLORS[n_bild % len(BILD_COLORS)], n_bild + 1
+            title = f"BiLD rollback sweep: fallback {params['fallback_threshold']:g}, N={params['max_draft_tokens']}"
+            notes = [f"rb={_number(v)}" for v, _, _ in members]
+            marker = "o"
+        else:
+            color, n_stock = STOCK_COLORS[n_stock % len(STOCK_COLORS)], n_stock + 1
+            settings = ", ".join(f"{k.removeprefix('assistant_').removeprefix('num_assistant_')}={v}" for k, v in params.items())
+            title = "stock ensemble-weight sweep" + (f" ({settings})" if settings else "")
+            notes = [f"w={_number(v)}" for v, _, _ in members]
+            marker = "D"
+        points = [(label, summary, note) for (_, label, summary), note in zip(members, notes, strict=True)]
+        curves.append({"label": title + suffix, "color": color, "marker": marker, "points": points})
+    return curves
+
+
+def _draw_curve(ax, curve: dict, metric: str) -> None:
+    """One curve: points joined in order, bootstrap error bars, notes beside the points, seeds faint."""
+    xs, ys, low, high = [], [], [], []
+    for _, summary, note in curve["points"]:
+        x, y = summary["speedup"], _score(summary, metric)
+        interval = (summary.get("intervals") or {}).get(metric)
+        xs.append(x)
+        ys.append(y)
+        low.append(y - interval["low"] if interval else 0.0)
+        high.append(interval["high"] - y if interval else 0.0)
+        if note:
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6, color=curve["color"])
+        for seed in summary.get("seeds") or []:
+            if seed.get("speedup"):
+                ax.scatter([seed["speedup"]], [seed["scores"][metric]], s=10, c=curve["color"], alpha=0.35, lw=0)
+    ax.errorbar(xs, ys, yerr=[[max(v, 0.0) for v in low], [max(v, 0.0) for v in high]], fmt="-" + curve["marker"],
+                c=curve["color"], ms=5, capsize=3, lw=1.2, elinewidth=0.8, label=curve["label"], zorder=3)  # fmt: skip
+
+
+def _score(summary: dict, metric: str) -> float:
+    return (summary.get("scores") or {}).get(metric, summary.get("quality"))
+
+
+def _swept_value(summary: dict, swept: str) -> float:
+    value = summary["params"].get(swept, 1.0)  # no ensemble weight: the lossless rule, w = 1
+    return math.inf if isinstance(value, str) and value.lower().lstrip("+") in ("inf", "infinity") else float(value)
+
+
+def _number(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:g}"

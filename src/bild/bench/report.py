@@ -26,16 +26,48 @@ COLUMNS = (  # (header, summary key, format)
 
 
 def markdown_table(results: dict) -> str:
-    """One row per method: quality first, then speed, forwards per token, BiLD rates and agreement."""
-    metric = results["task"]["metric"]
-    headers = ["method", metric, *(header for header, _, _ in COLUMNS)]
+    """One row per method: quality first (each reported metric with its bootstrap interval), then speed, forwards
+    per token, BiLD rates and agreement."""
+    task = results["task"]
+    metrics = reported_metrics(results)
+    headers = ["method", *(_metric_header(results, m) for m in metrics), *(header for header, _, _ in COLUMNS)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     for label, summary in results["methods"].items():
-        cells = [label, _format(summary.get("quality"), "{:.2f}")]
+        cells = [label, *(quality_cell(summary, metric, metric == task["metric"]) for metric in metrics)]
         values = {**(summary.get("bild") or {}), **summary}  # BiLD's own rates, under the bench's counts
         cells += [_format(values.get(key), fmt) for _, key, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def reported_metrics(results: dict) -> list[str]:
+    """The task's reported metrics (headline first as before: older results name only the headline metric)."""
+    task = results["task"]
+    return list(task.get("reported") or [task["metric"]])
+
+
+def _metric_header(results: dict, metric: str) -> str:
+    """``bleu`` or, with intervals, ``bleu [95% CI]``."""
+    intervals = next((s["intervals"] for s in results["methods"].values() if s.get("intervals")), None)
+    if not intervals or metric not in intervals:
+        return metric
+    return f"{metric} [{intervals[metric]['confidence']:.0%} CI]"
+
+
+def quality_cell(summary: dict, metric: str, headline: bool = True) -> str:
+    """``41.10 [39.82, 42.37]``; sampling over seeds: ``36.50 ±0.81 [34.10, 38.92]`` (± the seeds' sd)."""
+    value = summary.get("quality") if headline else (summary.get("scores") or {}).get(metric)
+    if value is None:
+        return "-"
+    text = _format(value, "{:.2f}")
+    spread = (summary.get("scores_sd") or {}).get(metric)
+    if spread is not None:
+        text += f" ±{spread:.2f}"
+    interval = (summary.get("intervals") or {}).get(metric)
+    if interval:
+        text += f" [{interval['low']:.2f}, {interval['high']:.2f}]"
+    return text
+
 
 
 def _cpu_kernels(env: dict) -> str:
@@ -59,7 +91,8 @@ def markdown_report(results: dict) -> str:
         "",
         f"- large: `{config['large']}`, small: `{config['small']}`",
         f"- {results['n_examples']} examples of `{config['data'] or 'offline default'}`, chat={config['chat']}, "
-        f"batch size {config['batch_size']}, max_new_tokens {config['max_new_tokens']}, greedy",
+        f"batch size {config['batch_size']}, max_new_tokens {config['max_new_tokens']}, "
+        f"{results.get('decoding', 'greedy')}",
         f"- {env['device']} ({env['device_name']}), {env['dtype']}, {env['cpu_count']} CPUs, "
         f"{env['torch_threads']} torch threads" + _cpu_kernels(env),
         f"- torch {env['torch']}, transformers {env['transformers']}, bild {env['bild']}, {env['date']}",

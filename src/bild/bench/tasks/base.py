@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import datasets
+import numpy as np
 
 from bild.bench.paths import resolve_data
 
@@ -27,16 +29,22 @@ class Example:
 class Task:
     """Base of the benchmark tasks: loading is shared, prompts/postprocessing/scoring are per task.
 
-    Subclasses set ``name``, ``metric`` (the headline key of ``score()``), ``default_data`` (name of the
-    offline JSONL set), ``default_prefix`` (plain, non-chat prompts) and implement ``to_example``,
-    ``instruction``, ``postprocess`` and ``score``.
+    Subclasses set ``name``, ``metric`` (the headline key of ``score()``), ``reported`` (the metrics a report
+    gives confidence intervals for and a front plot draws), ``default_data`` (name of the offline JSONL set),
+    ``default_prefix`` (plain, non-chat prompts) and implement ``to_example``, ``instruction``, ``postprocess``
+    and ``score``; ``scorer`` too when a metric is not a mean of per-example scores.
     """
 
     name: ClassVar[str]
     metric: ClassVar[str]
+    reported: ClassVar[tuple[str, ...]] = ()  # empty: the headline metric alone
     higher_is_better: ClassVar[bool] = True
     default_data: ClassVar[str]
     default_prefix: ClassVar[str] = ""
+
+    def reported_metrics(self) -> tuple[str, ...]:
+        """The metrics a report gives intervals for and a front plot draws (``reported``, else ``metric``)."""
+        return self.reported or (self.metric,)
 
     def load(self, data: str | None = None, limit: int | None = None) -> list[Example]:
         """Examples from the offline default (None), a JSONL path or prepared name, or ``hf:<id>[:<config>]``."""
@@ -70,6 +78,26 @@ class Task:
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """Corpus-level metrics; ``self.metric`` is one of the keys."""
         raise NotImplementedError
+
+    def scorer(self, predictions: list[str], examples: list[Example]) -> Callable[[np.ndarray], dict[str, float]]:
+        """``scores(indices)``: the metrics of any resample of the examples (indices into ``examples``, repeats
+        allowed), for bootstrap intervals; ``scores(np.arange(n))`` equals ``score(predictions, examples)``.
+
+        The metric library scores each example once; a resample combines those per-example results. This default
+        averages per-example `score` results: right for metrics that are means over examples (ROUGE, pass@1).
+        """
+        check_lengths(predictions, examples)
+        return mean_scorer([self.score([p], [ex]) for p, ex in zip(predictions, examples, strict=True)])
+
+
+def mean_scorer(per_example: list[dict[str, float]]) -> Callable[[np.ndarray], dict[str, float]]:
+    """A `Task.scorer` from each example's own scores, for metrics that are means over examples."""
+    table = {key: np.array([scores[key] for scores in per_example], dtype=float) for key in per_example[0]}  # (n,)
+
+    def scores(indices: np.ndarray) -> dict[str, float]:
+        return {key: float(values[indices].mean()) for key, values in table.items()}
+
+    return scores
 
 
 def chat_prompt(tokenizer: Any, content: str) -> str:

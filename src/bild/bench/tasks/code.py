@@ -12,8 +12,11 @@ Either way the result is appended to the prompt: a full redefinition simply repl
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from bild.bench.tasks.base import Example, Task, check_lengths, first_field
+import numpy as np
+
+from bild.bench.tasks.base import Example, Task, check_lengths, first_field, mean_scorer
 from bild.bench.tasks.execution import DEFAULT_TIMEOUT, check_program, run_all
 
 # HumanEval / Codex paper stop sequences, plus a closing markdown fence that instruct models add.
@@ -27,6 +30,7 @@ class CodeTask(Task):
 
     name = "code"
     metric = "pass@1"
+    reported = ("pass@1",)
     default_data = "humaneval"
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT):
@@ -62,13 +66,21 @@ class CodeTask(Task):
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """pass@1: the fraction of examples whose prompt + prediction passes the HumanEval tests."""
+        passed = self.passed(predictions, examples)
+        return {"pass@1": sum(passed) / len(passed)}
+
+    def scorer(self, predictions: list[str], examples: list[Example]) -> Callable[[np.ndarray], dict[str, float]]:
+        """pass@1 of any resample of the examples, each program executed once."""
+        return mean_scorer([{"pass@1": float(ok)} for ok in self.passed(predictions, examples)])
+
+    def passed(self, predictions: list[str], examples: list[Example]) -> list[bool]:
+        """Whether each example's prompt + prediction passes its HumanEval tests."""
         check_lengths(predictions, examples)
         programs = [
             check_program(ex.source, pred, ex.extra["test"], ex.extra["entry_point"])
             for pred, ex in zip(predictions, examples, strict=True)
         ]
-        passed = run_all(programs, self.timeout)
-        return {"pass@1": sum(passed) / len(passed)}
+        return run_all(programs, self.timeout)
 
 
 def is_body(text: str) -> bool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
+import numpy as np
 from rouge_score import rouge_scorer
 
-from bild.bench.tasks.base import Example, Task, check_lengths, first_field, first_line
+from bild.bench.tasks.base import Example, Task, check_lengths, first_field, first_line, mean_scorer
 
 _LABEL_RE = re.compile(r"^(headline|title|summary)\s*:\s*", re.IGNORECASE)
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -17,6 +19,7 @@ class SummarizationTask(Task):
 
     name = "summarization"
     metric = "rougeL"
+    reported = ("rougeL",)
     default_data = "news"
     default_prefix = "summarize: "
 
@@ -48,3 +51,13 @@ class SummarizationTask(Task):
             for key in ROUGE_KEYS:
                 totals[key] += scores[key].fmeasure
         return {key: 100.0 * total / len(examples) for key, total in totals.items()}
+
+    def scorer(self, predictions: list[str], examples: list[Example]) -> Callable[[np.ndarray], dict[str, float]]:
+        """Mean ROUGE F1 of any resample of the examples, each example scored once by rouge-score."""
+        check_lengths(predictions, examples)
+        scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+        per_example = []
+        for prediction, example in zip(predictions, examples, strict=True):
+            scores = scorer.score(example.reference, prediction)
+            per_example.append({key: 100.0 * scores[key].fmeasure for key in ROUGE_KEYS})
+        return mean_scorer(per_example)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
+import numpy as np
 import sacrebleu
+from sacrebleu.metrics import BLEU, CHRF
 
 from bild.bench.tasks.base import Example, Task, check_lengths, first_field, first_line
 
@@ -16,6 +19,7 @@ class TranslationTask(Task):
 
     name = "translation"
     metric = "bleu"
+    reported = ("bleu", "chrf")
     default_data = "de-en"
     default_prefix = "translate German to English: "
 
@@ -48,3 +52,22 @@ class TranslationTask(Task):
             "bleu": sacrebleu.corpus_bleu(predictions, references).score,
             "chrf": sacrebleu.corpus_chrf(predictions, references).score,
         }
+
+    def scorer(self, predictions: list[str], examples: list[Example]) -> Callable[[np.ndarray], dict[str, float]]:
+        """Corpus BLEU and chrF of any resample of the examples from sacrebleu's own per-sentence statistics.
+
+        The way sacrebleu bootstraps (`sacrebleu.significance._bootstrap_resample`): each sentence's match counts
+        once (``_extract_corpus_statistics``), a resample sums its sentences' counts and scores the sum
+        (``_compute_score_from_stats``), which for all sentences is exactly ``corpus_bleu`` / ``corpus_chrf``.
+        """
+        check_lengths(predictions, examples)
+        references = [[ex.reference for ex in examples]]
+        metrics = {"bleu": BLEU(), "chrf": CHRF()}  # the settings of sacrebleu.corpus_bleu / corpus_chrf
+        stats = {name: np.array(metric._extract_corpus_statistics(predictions, references), dtype=np.int64)
+                 for name, metric in metrics.items()}  # (n, k) counts  # fmt: skip
+
+        def scores(indices: np.ndarray) -> dict[str, float]:
+            return {name: float(metric._compute_score_from_stats(stats[name][indices].sum(0).tolist()).score)
+                    for name, metric in metrics.items()}  # fmt: skip
+
+        return scores
