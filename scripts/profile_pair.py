@@ -25,8 +25,9 @@ from transformers import AutoModelForCausalLM
 from bild.bench.machine import DTYPES, resolve_dtype
 from bild.bench.paths import resolve_model
 from bild.drafters import QUANTIZATIONS, compress_drafter
-from bild.kernels import PATHS, fit_kernels, machine_key
-from bild.schedule import PROFILE_TOKENS, DraftCosts, forward_ms
+from bild.kernels import PATHS, fit_kernels
+from bild.schedule import PROFILE_TOKENS, DraftCosts
+from bild.timing import forward_ms, machine_key
 
 DEFAULT_SMALL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LARGE = "qwen2.5-coder-1.5b-instruct"

@@ -271,37 +271,9 @@ def simulate(
 ) -> Counts:
     """The rounds of ``policy`` on one example: counted as the loop counts them (`bild.BildStats`)."""
     c = Counts(generated=tr.n_end)
-    y = tr.y
     s = 0
     while s < tr.n_end:
-        written = []  # (position, top tokens, unsure, right): the round's drafts, in order
-        off = None  # position of the round's first wrong draft: later drafts come from its rollout
-        n_unsure, ends_unsure, t = 0, False, s
-        for _ in range(cap):
-            if t >= tr.limit:
-                break
-            if off is None:
-                top, probs = tr.top[t], tr.probs[t]
-            else:
-                top, probs = tr.rollouts[off][t - off - 1]
-            c.small_forwards += 1
-            c.small_fed.append(1)
-            right = off is None and top[0] == y[t]
-            unsure = probs[0] < threshold
-            n_unsure += unsure
-            k = policy.n_candidates(probs, len(written) + 1) if unsure else 0
-            if unsure and off is None and t < tr.n_end:
-                c.unsure_on_path.append((probs, top.index(y[t]) + 1 if y[t] in top else 0))
-            if k or not unsure:
-                written.append((t, top, k, right))
-            if off is None and not right:
-                off = t
-            if unsure and n_unsure == policy.n_unsure:
-                ends_unsure = True
-                break
-            if top[0] in eos_ids:
-                break
-            t += 1
+        written, n_unsure, ends_unsure = draft_round(tr, policy, s, eos_ids, threshold, cap, c)
         n_leaves = sum(max(w[2] - 1, 0) for w in written)
         c.candidates += sum(w[2] for w in written)
         k = written[-1][2] if written else 0
@@ -310,21 +282,7 @@ def simulate(
             past = min(policy.m_past, tr.limit - written[-1][0] - 1)
             c.small_forwards += past
             c.small_fed += [k] * past
-        # verification: keep drafts up to the first wrong one; a leaf (or candidate) equal to the large
-        # model's token there is kept too, and the token after it (or after its continuation) comes free
-        n_tokens = len(written) + 1
-        for i, (pos, top, n_checked, right) in enumerate(written):
-            is_last = i == len(written) - 1
-            if right and not is_last:
-                continue
-            in_top = y[pos] in top[:n_checked] if pos < len(y) else False
-            if not right and not in_top:
-                n_tokens = i + 1
-            elif is_last and ends_unsure and policy.m_past and n_checked:
-                n_tokens = i + 2 + continuation(tr, pos, past, policy.stop_past, eos_ids, threshold)
-            else:
-                n_tokens = i + 2
-            break
+        n_tokens = kept_tokens(tr, policy, written, ends_unsure, past, eos_ids, threshold)
         c.large_forwards += 1
         c.fallbacks += n_unsure > 0
         c.drafted += len(written) + n_leaves + k * past
@@ -335,6 +293,62 @@ def simulate(
     c.small_rows = sum(c.small_fed)
     c.verified = sum(c.large_fed)
     return c
+
+
+def draft_round(
+    tr: Trace, policy: Policy, s: int, eos_ids: set[int], threshold: float, cap: int, c: Counts
+) -> tuple[list, int, bool]:
+    """The small model's steps of the round starting at ``s``, counted into ``c``: ``(written, n_unsure,
+    ends_unsure)``, ``written`` the round's drafts in order as (position, top tokens, candidates, right)."""
+    written = []
+    off = None  # position of the round's first wrong draft: later drafts come from its rollout
+    n_unsure, ends_unsure, t = 0, False, s
+    for _ in range(cap):
+        if t >= tr.limit:
+            break
+        if off is None:
+            top, probs = tr.top[t], tr.probs[t]
+        else:
+            top, probs = tr.rollouts[off][t - off - 1]
+        c.small_forwards += 1
+        c.small_fed.append(1)
+        right = off is None and top[0] == tr.y[t]
+        unsure = probs[0] < threshold
+        n_unsure += unsure
+        k = policy.n_candidates(probs, len(written) + 1) if unsure else 0
+        if unsure and off is None and t < tr.n_end:
+            c.unsure_on_path.append((probs, top.index(tr.y[t]) + 1 if tr.y[t] in top else 0))
+        if k or not unsure:
+            written.append((t, top, k, right))
+        if off is None and not right:
+            off = t
+        if unsure and n_unsure == policy.n_unsure:
+            ends_unsure = True
+            break
+        if top[0] in eos_ids:
+            break
+        t += 1
+    return written, n_unsure, ends_unsure
+
+
+def kept_tokens(
+    tr: Trace, policy: Policy, written: list, ends_unsure: bool, past: int, eos_ids: set[int], threshold: float
+) -> int:
+    """The verification: drafts are kept up to the first wrong one; a leaf (or candidate) equal to the large model's
+    token there is kept too, and the token after it (or after its continuation) comes free. Returns the tokens the
+    round adds, the large model's own included."""
+    y = tr.y
+    for i, (pos, top, n_checked, right) in enumerate(written):
+        is_last = i == len(written) - 1
+        if right and not is_last:
+            continue
+        in_top = y[pos] in top[:n_checked] if pos < len(y) else False
+        if not right and not in_top:
+            return i + 1
+        if is_last and ends_unsure and policy.m_past and n_checked:
+            return i + 2 + continuation(tr, pos, past, policy.stop_past, eos_ids, threshold)
+        return i + 2
+    return len(written) + 1
 
 
 def continuation(tr: Trace, pos: int, m: int, stop: bool, eos_ids: set[int], threshold: float) -> int:
@@ -486,22 +500,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.traces and Path(args.traces).exists():
-        if args.validate:
-            raise SystemExit("--validate runs the models: give --traces a file that does not exist yet")
-        data = json.loads(Path(args.traces).read_text(encoding="utf-8"))
-        dtype, eos_ids = data["dtype"], set(data["eos_ids"])
-        traces = [(index, Trace.from_json(tr), {}) for index, tr in data["traces"]]
-        if args.limit is not None:
-            traces = traces[: args.limit]
-    else:
-        dtype, eos_ids, traces = run_models(args)
-        if args.traces:
-            Path(args.traces).write_text(json.dumps({
-                "config": args.config, "dtype": str(dtype), "eos_ids": sorted(eos_ids),
-                "traces": [(index, tr.to_json()) for index, tr, _ in traces],
-            }) + "\n", encoding="utf-8")  # fmt: skip
-
+    dtype, eos_ids, traces = load_traces(args)
     policies = (
         POLICIES + tuple(p for p in CANDIDATE_POLICIES if p not in POLICIES) if args.candidates else POLICIES
     )
@@ -521,32 +520,9 @@ def main(argv=None) -> int:
     print(markdown(rows))
     result = {"config": args.config, "dtype": str(dtype), "n_examples": len(traces), "table": rows}
     if args.candidates:
-        candidate_rows = summarize(counts, CANDIDATE_POLICIES)
-        print(
-            f"\ncandidates at an unsure position (at most {K_MAX}; 'cand/unsure round': tokens checked there)"
-        )
-        print(markdown(candidate_rows))
-        result["candidates"] = candidate_rows
-        samples = {
-            "rounds": ("the rounds of plain that end unsure on the path", counts[Policy(1).name].unsure_on_path),
-            "positions": ("every position of the text where the small model is unsure", unsure_positions(
-                [tr for _, tr, _ in traces])),
-        }  # fmt: skip
-        for key, (label, records) in samples.items():
-            by_rank, by_bin = calibration(records)
-            print(f"\ncalibration at {label} ({len(records)}): q_j against how often the large model's token "
-                  "is the j-th")  # fmt: skip
-            print(markdown(by_rank))
-            print(markdown(by_bin))
-            result[f"calibration_{key}"] = {"by_rank": by_rank, "by_bin": by_bin, "records": records}
+        result |= report_candidates(counts, traces)
     if args.validate:
-        bad = [v for v in validation if v["real_vs_simulated"] or not v["same_output"]]
-        print(
-            f"validation: {len(validation) - len(bad)} of {len(validation)} (example, policy) pairs match exactly"
-        )
-        for v in bad:
-            print(f"  example {v['example']} {v['policy']}: same output {v['same_output']}, "
-                  f"(real, simulated) {v['real_vs_simulated']}")  # fmt: skip
+        report_validation(validation)
     if args.json:
         result |= {
             "counts": {name: c.stats() | {"small_rows": c.small_rows, "verified": c.verified,
@@ -555,6 +531,52 @@ def main(argv=None) -> int:
         }  # fmt: skip
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def load_traces(args: argparse.Namespace) -> tuple:
+    """``(dtype, EOS ids, [(example index, trace, real stats)])``: from ``--traces`` when that file exists, else from
+    running the models (stored in ``--traces`` when given)."""
+    if args.traces and Path(args.traces).exists():
+        if args.validate:
+            raise SystemExit("--validate runs the models: give --traces a file that does not exist yet")
+        data = json.loads(Path(args.traces).read_text(encoding="utf-8"))
+        traces = [(index, Trace.from_json(tr), {}) for index, tr in data["traces"]]
+        return data["dtype"], set(data["eos_ids"]), traces[: args.limit] if args.limit is not None else traces
+    dtype, eos_ids, traces = run_models(args)
+    if args.traces:
+        Path(args.traces).write_text(json.dumps({
+            "config": args.config, "dtype": str(dtype), "eos_ids": sorted(eos_ids),
+            "traces": [(index, tr.to_json()) for index, tr, _ in traces],
+        }) + "\n", encoding="utf-8")  # fmt: skip
+    return dtype, eos_ids, traces
+
+
+def report_candidates(counts: dict, traces: list) -> dict:
+    """Print the candidate policies' table and the small model's calibration at unsure positions; return them."""
+    result = {"candidates": summarize(counts, CANDIDATE_POLICIES)}
+    print(f"\ncandidates at an unsure position (at most {K_MAX}; 'cand/unsure round': tokens checked there)")
+    print(markdown(result["candidates"]))
+    samples = {
+        "rounds": ("the rounds of plain that end unsure on the path", counts[Policy(1).name].unsure_on_path),
+        "positions": ("every position of the text where the small model is unsure", unsure_positions(
+            [tr for _, tr, _ in traces])),
+    }  # fmt: skip
+    for key, (label, records) in samples.items():
+        by_rank, by_bin = calibration(records)
+        print(f"\ncalibration at {label} ({len(records)}): q_j against how often the large model's token "
+              "is the j-th")  # fmt: skip
+        print(markdown(by_rank))
+        print(markdown(by_bin))
+        result[f"calibration_{key}"] = {"by_rank": by_rank, "by_bin": by_bin, "records": records}
+    return result
+
+
+def report_validation(validation: list[dict]) -> None:
+    bad = [v for v in validation if v["real_vs_simulated"] or not v["same_output"]]
+    print(f"validation: {len(validation) - len(bad)} of {len(validation)} (example, policy) pairs match exactly")
+    for v in bad:
+        print(f"  example {v['example']} {v['policy']}: same output {v['same_output']}, "
+              f"(real, simulated) {v['real_vs_simulated']}")  # fmt: skip
 
 
 def run_models(args: argparse.Namespace) -> tuple[torch.dtype, set[int], list[tuple[int, Trace, dict]]]:

@@ -96,6 +96,14 @@ def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
         assert summary["small_forwards"] == summary["bild"]["small_forwards"]
         for rate in ("fallback_rate", "rollback_rate", "acceptance_rate"):
             assert 0.0 <= summary["bild"][rate] <= 1.0
+    # where the time goes: the large model alone spends nothing in the drafter, BiLD in both; the three parts
+    # add up to the wall time per token
+    assert methods["large"]["small_ms_per_token"] == 0 and methods["large"]["large_ms_per_token"] > 0
+    for label, summary in methods.items():
+        parts = summary["small_ms_per_token"] + summary["large_ms_per_token"] + summary["rest_ms_per_token"]
+        assert parts == pytest.approx(1000 * summary["wall_s"] / summary["n_tokens"]), label
+        assert summary["rest_ms_per_token"] >= 0, label
+    assert methods["bild-lossless"]["small_ms_per_token"] > 0 and methods["bild-lossless"]["large_ms_per_token"] > 0
     # oracles: rollback 0 is the large model's greedy output; never falling back nor rolling back is the small's
     assert methods["bild-lossless"]["exact_match_large"] == 1.0
     assert methods["assisted(n=4)"]["exact_match_large"] == 1.0
@@ -109,6 +117,7 @@ def test_bench_end_to_end(tiny_pair, data_file, tmp_path, capsys):
 
     report = (out / "results.md").read_text(encoding="utf-8")
     assert "| method | bleu [95% CI] |" in report and "bild-as-small" in report and "Columns:" in report
+    assert "| S ms/tok | L ms/tok | rest ms/tok |" in report
     # the machine a table comes from: CPU flags, torch's kernels, and each model's linear-layer path
     env = results["environment"]
     assert env["cpu_capability"] and set(env["kernels"]) == {"large", "small"}
@@ -271,10 +280,10 @@ def test_shipped_configs_are_valid():
     for path in paths:
         names = {spec.name for spec in load_config(path).methods}
         # the task configs compare every method; the drafter studies (-aligned, -exit) large and BiLD only; the
-        # main job and the variant studies large, stock assisted and BiLD
+        # main job and the variant and default studies large, stock assisted and BiLD
         if path.stem.endswith(("-aligned", "-exit")):
             assert names == {"large", "bild"}, path
-        elif path.stem == "qwen-coder-main" or path.parent.name == "variants":
+        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults"):
             assert names == {"large", "assisted", "bild"}, path
         else:
             assert names == {"large", "small", "assisted", "bild"}, path

@@ -18,7 +18,7 @@ from bild import decoding
 from bild.bench.bench_config import parse_config
 from bild.config import BildSettings
 from bild.context_drafts import propose_context_drafts
-from bild.decoding import BatchState, TokenRules
+from bild.state import BatchState, TokenRules
 
 LOOKUP = dict(prompt_lookup_num_tokens=4, max_matching_ngram_size=2)
 

@@ -11,10 +11,11 @@ from tiny_models import train
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import bild
-from bild.decoding import BatchState, DecoderInputs, can_batch_rows
+from bild.decoding import can_batch_rows
 from bild.early_exit import EarlyExitDrafter, additive_mask, distillation_loss, early_exit, train_exit
 from bild.integration import check_pair, vocab_size
 from bild.schedule import forward_bytes
+from bild.state import BatchState, DecoderInputs
 
 EXIT_LAYER = 2
 N_LAYERS = 4

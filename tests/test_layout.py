@@ -87,3 +87,44 @@ def test_every_exported_name_resolves():
 
     for name in bild.__all__:
         assert getattr(bild, name) is not None, name
+
+
+def core_import_graph() -> dict[str, set[str]]:
+    """Which core modules each core module imports (``bild.x`` names, lazy imports included)."""
+    names = {f"bild.{path.stem}" for path in CORE if path.stem != "__init__"}
+    graph = {}
+    for path in CORE:
+        if path.stem == "__init__":
+            continue
+        imported = {name for _, name in imported_modules(path)}
+        graph[f"bild.{path.stem}"] = {n for n in names if n in imported or any(i.startswith(n + ".") for i in imported)}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path (its first node repeated at the end), or None."""
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            return path[path.index(node) :] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for child in sorted(graph.get(node, ())):
+            if cycle := visit(child):
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    return next((cycle for node in sorted(graph) if (cycle := visit(node))), None)
+
+
+def test_core_imports_only_run_downward():
+    """No two core modules import each other, directly or round a circle (shared types live in state.py, machine
+    measurement in timing.py); the check finds a circle where there is one."""
+    graph = core_import_graph()
+    assert {"bild.decoding", "bild.state", "bild.timing"} <= set(graph)
+    assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
+    assert find_cycle({**graph, "bild.state": graph["bild.state"] | {"bild.decoding"}}) is not None

@@ -16,6 +16,7 @@ import torch
 from conftest import PAD, VOCAB, left_pad, prompts
 
 from bild import decoding, policies
+from bild.state import Sampling
 
 P_VALUE = 1e-3
 N_ROWS = 4000
@@ -117,7 +118,7 @@ def test_siblings_under_sampling_are_exact_and_the_check_catches_a_greedy_token_
     large, _ = pair
     if is_broken:
         choose = decoding.choose_sibling
-        monkeypatch.setattr(decoding, "choose_sibling", lambda *args: choose(*args[:-1], decoding.Sampling()))
+        monkeypatch.setattr(decoding, "choose_sibling", lambda *args: choose(*args[:-1], Sampling()))
     expected = large_joint_distribution(large, prompt, **FLAT_SAMPLING)
     counts = bild_joint_counts(large, prompt, seed=0, sampling=FLAT_SAMPLING, rollback_threshold=0.0,
                                fallback_threshold=1.0, fallback_candidates=4)  # fmt: skip

@@ -104,7 +104,7 @@ def test_4_a_huge_budget_that_stops_early_allocates_little(pair, ids, monkeypatc
     loop = bild.decoding.bild_loop
 
     def recording_loop(*args, **kwargs):
-        states.extend(a for a in args if isinstance(a, bild.decoding.BatchState))
+        states.extend(a for a in args if isinstance(a, bild.state.BatchState))
         return loop(*args, **kwargs)
 
     monkeypatch.setattr(bild.decoding, "bild_loop", recording_loop)
@@ -112,7 +112,7 @@ def test_4_a_huge_budget_that_stops_early_allocates_little(pair, ids, monkeypatc
     out = large.generate(ids, generation_mode="bild", max_new_tokens=10**11, pad_token_id=PAD,
                          stopping_criteria=[stop], **SETTINGS)  # fmt: skip
     assert out.shape[1] == ids.shape[1] + 5
-    assert len(states) == 1 and states[0].token_ids.shape[1] <= ids.shape[1] + bild.decoding.MIN_CAPACITY
+    assert len(states) == 1 and states[0].token_ids.shape[1] <= ids.shape[1] + bild.state.MIN_CAPACITY
 
 
 def test_5_settings_are_merged_or_refused_never_dropped(pair, ids):

@@ -48,7 +48,13 @@ from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    Cache,
+    DummyLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 try:  # recurrent cache layers (transformers 5.2x)
     from transformers.cache_utils import (
@@ -132,6 +138,25 @@ def is_attention_free(model: PreTrainedModel) -> bool:
         isinstance(layer, LinearAttentionCacheLayerMixin | DummyLayer) and not isinstance(layer, DynamicLayer)
         for layer in layers
     )
+
+
+def attention_window(model: PreTrainedModel) -> int | None:
+    """The smallest sliding or chunked attention window of ``model``'s decoder layers, or None (full attention).
+
+    Transformers builds such windows from cache slots (a key is seen when its slot is within the window of the
+    query's), so bild keeps a row's slots contiguous for them (`TrackedCache.right_align`) and never feeds
+    siblings, which a 4D mask given as is would let see past the window."""
+    if model.config.is_encoder_decoder:
+        return None
+    try:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    except Exception:  # configs without per-layer information
+        return None
+    windows = [
+        kwargs["sliding_window"] for kind, kwargs in zip(layer_types, layer_kwargs, strict=True)
+        if kind in WINDOWED_LAYER_TYPES and kwargs.get("sliding_window")
+    ]  # fmt: skip
+    return min(windows) if windows else None
 
 
 def recurrent_rollback_obstacle(model: PreTrainedModel) -> str | None:
@@ -245,9 +270,10 @@ def prepared_special_tokens(config: GenerationConfig) -> tuple[torch.Tensor | No
 # relative attention bias, computed from cache slots): their rows can run together once every row's cache
 # slots are contiguous. Families with absolute positions taken from the cache length (BART, Marian,
 # Pegasus, ...) cannot, and decode one row at a time.
-RELATIVE_POSITION_SEQ2SEQ = ("t5", "mt5", "umt5")
+RELATIVE_POSITION_SEQ2SEQ = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
 
 
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention", "hybrid_sliding")
 TREE_MASK_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask here
 
 

@@ -15,13 +15,10 @@ renormalized (`context_draft_probs` gives `policies.find_rollback_sampled` that 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .config import BildSettings
-    from .decoding import BatchState, TokenRules
+from .config import BildSettings
+from .state import BatchState, TokenRules
 
 DEFAULT_MAX_MATCHING_NGRAM_SIZE = 2  # stock prompt lookup's default when max_matching_ngram_size is None
 

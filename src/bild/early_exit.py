@@ -136,7 +136,7 @@ class Chunk:
 
     @classmethod
     def unseen(cls, state, n_seen: torch.Tensor, is_advancing: torch.Tensor) -> Chunk:
-        """Positions ``n_seen[b] .. state.lengths[b] - 1`` of the advancing rows (a `decoding.BatchState`)."""
+        """Positions ``n_seen[b] .. state.lengths[b] - 1`` of the advancing rows (a `state.BatchState`)."""
         n_feed = torch.where(is_advancing, state.lengths - n_seen, 0)  # [B]
         offsets = torch.arange(int(n_feed.max()), device=n_seen.device)  # [L]
         index = n_seen[:, None] + offsets  # [B, L]

@@ -25,7 +25,8 @@ from transformers.utils import ModelOutput
 from .cache import BildCache
 from .compat import prepared_special_tokens
 from .config import BILD_FIELDS, BILD_MODE, CONTEXT_FIELDS, BildSettings, in_attached_generate
-from .decoding import DecoderInputs, Sampling, TokenRules, decode
+from .decoding import decode
+from .state import DecoderInputs, Sampling, TokenRules
 from .stats import BildStats, report
 
 MAX_PADDING_ROWS = 128  # vocabularies of one tokenizer may differ by this many padding rows (Qwen2.5: 128)
@@ -84,11 +85,11 @@ class BildGenerationMixin:
                     raise ValueError(
                         f"{bild_only} only apply to BiLD decoding: add generation_mode='bild' to the call."
                     )
-                return super().generate(inputs, generation_config, **kwargs)
+                return super().generate(**_given(inputs, generation_config), **kwargs)
             if mode != BILD_MODE:
                 raise ValueError(f"Unknown generation_mode={mode!r}: use generation_mode='bild', or None for stock.")
             _check_prompt_length(inputs if inputs is not None else kwargs.get("input_ids"))
-            return super().generate(inputs, generation_config, **self._bild_call(generation_config, kwargs))
+            return super().generate(**_given(inputs, generation_config), **self._bild_call(generation_config, kwargs))
 
     def _bild_call(self, generation_config: GenerationConfig | None, kwargs: dict) -> dict:
         """The kwargs for stock generate(): BiLD's loop as ``custom_generate``, what only BiLD reads taken out.
@@ -141,6 +142,13 @@ class BildGenerationMixin:
         memo[id(self)] = copied
         copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return copied
+
+
+def _given(inputs, generation_config) -> dict:
+    """generate()'s first two arguments by name, only where given: some models' own generate() takes other ones
+    first (SeamlessM4T's is ``generate(input_ids, tgt_lang, ...)``) and hands the rest on to stock."""
+    given = {"inputs": inputs, "generation_config": generation_config}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def requested_mode(passed: Any, *generation_configs: GenerationConfig | None) -> str | None:
@@ -319,13 +327,20 @@ def _check_model_kwargs(model_kwargs: dict) -> None:
             f"the large model's embeddings. Pass input_ids, {_STOCK_HINT}"
         )
     dropped = sorted(
-        name for name, value in model_kwargs.items() if value is not None and name not in _HANDLED_MODEL_KWARGS
-    )
+        name for name, value in model_kwargs.items()
+        if not _is_empty(value) and name not in _HANDLED_MODEL_KWARGS
+    )  # fmt: skip
     if dropped:
         raise ValueError(
             f"BiLD feeds both models token ids and attention masks only, so it cannot use {dropped}: leave them "
             f"out, {_STOCK_HINT}"
         )
+
+
+def _is_empty(value) -> bool:
+    """None, or an empty container generate() prepared itself (vision-language models' ``mm_encoder_outputs={}``
+    for a text-only prompt)."""
+    return value is None or (isinstance(value, dict | list | tuple) and len(value) == 0)
 
 
 def _check_generator(generator, device: torch.device) -> torch.Generator | None:

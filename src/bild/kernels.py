@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import platform
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from torch import nn
 
 from .drafters import replace_module
 from .home import fit_file, write_json
+from .timing import forward_ms, machine_key, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -126,25 +125,6 @@ class KernelFit:
     reason: str
 
 
-def machine_key(model: nn.Module) -> dict:
-    """What a forward's cost depends on besides the model's shape: device, dtype, threads, kernels, torch."""
-    device = _device(model)
-    key = {
-        "device": device.type,
-        "dtype": str(_dtype(model)).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-    }
-    if device.type == "cpu":
-        key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        key["onednn_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-        key["cpu_model"] = cpu_model_name()
-    elif device.type == "cuda":
-        key["gpu"] = torch.cuda.get_device_name(device)
-    return key
-
-
 def model_fingerprint(model: nn.Module) -> dict:
     """A model's shape as far as cost goes: its config (names and paths left out), compression and kernels."""
     config = model.config.to_dict()
@@ -182,7 +162,7 @@ def fit_kernels(model: nn.Module, paths: tuple[str, ...] = PATHS, use_stored: bo
         raise ValueError(f"Unknown kernel paths {unknown or paths!r}: choose among {PATHS}.")
     if hasattr(model, "bild_kernels"):
         raise ValueError(f"This model's kernels were already fitted ({model.bild_kernels.path}): load it again to refit.")
-    if _device(model).type != "cpu" or not onednn_available() or not _linears(model):
+    if model_device(model).type != "cpu" or not onednn_available() or not _linears(model):
         model.bild_kernels = KernelFit("stock", {}, "only CPUs with oneDNN have a choice of linear kernels")
         return model
     if len(paths) == 1:
@@ -229,8 +209,6 @@ def _unpack_linears(model: nn.Module) -> None:
 
 
 def _time_model(model: nn.Module) -> dict[int, float]:
-    from .schedule import forward_ms  # schedule imports this module for its cost keys
-
     with torch.inference_mode():
         return {n: forward_ms(model, FIT_CONTEXT, n, FIT_REPEATS) for n in (1, CHUNK_ROWS)}
 
@@ -260,21 +238,3 @@ def _store_fit(path: Path, model: nn.Module, paths: tuple[str, ...]) -> None:
         write_json(path, record)
     except OSError as err:  # a read-only home still decodes, it just times again next time
         warnings.warn(f"bild: could not store the kernel choice in {path} ({err}).", stacklevel=3)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

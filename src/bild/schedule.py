@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -34,9 +33,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from .compat import cache_kwarg, crop_cache, keep_recurrent_states, new_cache
 from .home import fit_file, write_json
-from .kernels import PackedLinear, machine_key, model_fingerprint
+from .kernels import PackedLinear, model_fingerprint
+from .timing import forward_ms, machine_key
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class DraftCosts:
         """The pair's costs on this machine: measured on first use (seconds), stored, and read back after.
 
         Stored as JSON under ``$BILD_HOME/fit``, one file per (both models' shapes, compression and kernels;
-        device, dtype, threads, CPU kernels, torch version): `bild.kernels.machine_key`. A file that cannot
+        device, dtype, threads, CPU kernels, torch version): `bild.timing.machine_key`. A file that cannot
         be read, or that was written for another key, is measured again with a warning. A drafter that
         runs inside the large model (`bild.early_exit`) is not timed alone: its costs are estimated.
         """
@@ -181,40 +180,6 @@ def forward_bytes(model: PreTrainedModel) -> int:
     if embeddings is not None and getattr(head, "weight", None) is not embeddings.weight:
         total -= embeddings.weight.numel() * embeddings.weight.element_size()
     return max(total, 1)
-
-
-def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int) -> float:
-    """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens.
-
-    The context is fed once; after each timed forward the cache is cropped back to it.
-    """
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(model.device)
-    extra = {}
-    if model.config.is_encoder_decoder:  # the encoder runs once per generate(): not part of a step
-        extra["encoder_outputs"] = model.get_encoder()(input_ids=ids[:, :context], return_dict=True)
-    cache = new_cache(model)
-    _feed(model, ids[:, :context], cache, extra)
-    keep_recurrent_states(cache, n_new + 1)  # recurrent layers can go back before the timed tokens
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        start = _clock(model.device)
-        _feed(model, ids[:, context:], cache, extra)
-        times.append(1000 * (_clock(model.device) - start))
-        crop_cache(cache, n_new)
-    return statistics.median(times[1:])
-
-
-def _feed(model: PreTrainedModel, ids: torch.Tensor, cache, extra: dict) -> None:
-    name = "decoder_input_ids" if model.config.is_encoder_decoder else "input_ids"
-    model(**{name: ids, cache_kwarg(model): cache}, **extra, use_cache=True)
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _points(points: tuple[tuple[int, float], ...]) -> str:

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import bild
-from bild.kernels import cpu_model_name
+from bild.timing import cpu_model_name
 
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 DTYPES = ("auto", "float32", "bfloat16", "float16")

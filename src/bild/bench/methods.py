@@ -54,6 +54,35 @@ def count_forwards(models: dict[str, torch.nn.Module]):
             handle.remove()
 
 
+@contextlib.contextmanager
+def time_forwards(models: dict[str, torch.nn.Module], clock):
+    """Yield a dict of seconds spent inside each model's forward calls (``model(...)``, whoever calls it), read
+    with ``clock`` (which waits for a GPU) before and after each call. An encoder-decoder's encoder runs outside
+    its model's forward and is not counted; nor is anything around the forwards (the decoding loop itself)."""
+    seconds = dict.fromkeys(models, 0.0)
+    started: dict[str, float] = {}
+
+    def hooks_for(name: str):
+        def before(module, args, kwargs):
+            started[name] = clock()
+
+        def after(module, args, kwargs, output):
+            seconds[name] += clock() - started.pop(name)
+
+        return before, after
+
+    handles = []
+    for name, model in models.items():
+        before, after = hooks_for(name)
+        handles.append(model.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(model.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield seconds
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def generate(
     spec: MethodSpec, pair: ModelPair, batch: Batch, max_new_tokens: int, stopping_criteria=None,
     sampling: dict | None = None,

@@ -17,6 +17,9 @@ DEFINITIONS = """\
 - speedup: wall time of `large` over this method's wall time on the same examples (>1 is faster).
 - L fwd/tok, S fwd/tok: real forward calls of the large / small model (counted with forward hooks on
   their output layers) per generated token; a batched call counts once.
+- S ms/tok, L ms/tok, rest ms/tok: where the time goes, per generated token: inside the small model's (drafter's)
+  forward calls, inside the large model's, and everything else (the decoding loop, logits processing,
+  stopping criteria, an encoder-decoder's encoder runs), timed with forward hooks around each call.
 - BiLD, per row: a round is one draft phase plus one large-model verification (rounds = large forwards
   that advanced the row). fallback = fallbacks / rounds (rounds the small model ended for low
   confidence); rollback = rollbacks / rounds (rounds in which the large model rejected a draft);
@@ -31,6 +34,20 @@ DEFINITIONS = """\
   same seed).
 - prefix=large: mean over examples of (common token prefix with `large`) / (length of the longer output).
 """
+
+
+def time_split(runs, wall_s: float, n_tokens: int) -> dict:
+    """Milliseconds per generated token inside the drafter's forwards, the large model's, and everything else;
+    None where a call was journaled before forwards were timed."""
+    calls = [call for run in runs for call in run.calls]
+    if not n_tokens or any(call.get("large_s") is None for call in calls):
+        return {"small_ms_per_token": None, "large_ms_per_token": None, "rest_ms_per_token": None}
+    large_s, small_s = sum(call["large_s"] for call in calls), sum(call["small_s"] for call in calls)
+    return {
+        "small_ms_per_token": 1000 * small_s / n_tokens,
+        "large_ms_per_token": 1000 * large_s / n_tokens,
+        "rest_ms_per_token": 1000 * (wall_s - large_s - small_s) / n_tokens,
+    }
 
 
 def prefix_agreement(ids: list[int], reference_ids: list[int]) -> float:
@@ -63,6 +80,7 @@ def summarize_method(spec, runs: list, examples, task, predictions: list[list[st
     n_tokens = sum(len(run.token_ids[i]) for run in runs for i in indices)
     large_forwards = sum(call["large_forwards"] for run in runs for call in run.calls)
     small_forwards = sum(call["small_forwards"] for run in runs for call in run.calls)
+    split = time_split(runs, wall_s, n_tokens)
     scorers = [task.scorer(seed_predictions, examples) for seed_predictions in predictions]
     per_seed = [scorer(np.arange(len(examples))) for scorer in scorers]
     scores = {key: float(np.mean([s[key] for s in per_seed])) for key in per_seed[0]}
@@ -79,6 +97,7 @@ def summarize_method(spec, runs: list, examples, task, predictions: list[list[st
         "small_forwards": small_forwards,
         "large_forwards_per_token": ratio(large_forwards, n_tokens),
         "small_forwards_per_token": ratio(small_forwards, n_tokens),
+        **split,
         "quality": scores[task.metric],
         "scores": scores,
         "intervals": None,

@@ -20,6 +20,7 @@ from bild.bench.methods import (
     generate,
     measure_costs_first,
     stop_string_criteria,
+    time_forwards,
 )
 from bild.bench.metrics import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE, large_label, prefix_agreement, summarize
 from bild.bench.tasks import get_task
@@ -117,7 +118,8 @@ def timed_call(spec: MethodSpec, pair, batch: Batch, config: BenchConfig, stoppi
     """One timed method call; stores its outputs, wall time and forward counts in ``record``."""
     if config.do_sample:
         torch.manual_seed(call_seed(seed, batch))
-    with count_forwards({"large": pair.large, "small": pair.drafter(spec.drafter)}) as counts:
+    models = {"large": pair.large, "small": pair.drafter(spec.drafter)}
+    with count_forwards(models) as counts, time_forwards(models, lambda: clock(device)) as seconds:
         start = clock(device)
         out: Generated = generate(spec, pair, batch, config.max_new_tokens, stopping, config.sampling)
         wall_s = clock(device) - start
@@ -127,7 +129,7 @@ def timed_call(spec: MethodSpec, pair, batch: Batch, config: BenchConfig, stoppi
             record.bild_stats[index] = out.bild_stats.row(row)
     record.calls.append(
         {"examples": list(batch.indices), "wall_s": wall_s, "large_forwards": counts["large"],
-         "small_forwards": counts["small"]}
+         "small_forwards": counts["small"], "large_s": seconds["large"], "small_s": seconds["small"]}
     )  # fmt: skip
 
 
@@ -148,7 +150,8 @@ def replay(done: dict, batch: Batch, record: MethodRecord) -> None:
             counts = done["bild_stats"][row]
             record.bild_stats[index] = BildStats(**{name: counts.get(name, [0]) for name in BildStats.names()})
     record.calls.append({"examples": list(batch.indices), "wall_s": done["wall_s"],
-                         "large_forwards": done["large_forwards"], "small_forwards": done["small_forwards"]})  # fmt: skip
+                         "large_forwards": done["large_forwards"], "small_forwards": done["small_forwards"],
+                         "large_s": done.get("large_s"), "small_s": done.get("small_s")})  # fmt: skip
 
 
 def run_bench(config: BenchConfig, *, progress: bool = True, config_file: str | None = None,

@@ -1,0 +1,88 @@
+"""Measuring a model on this machine: what its forward's cost depends on (`machine_key`), and how long one
+forward takes (`forward_ms`). Below both users of such measurements: the kernel fit (kernels.py) and the
+draft costs (schedule.py)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .compat import cache_kwarg, crop_cache, keep_recurrent_states, new_cache
+
+
+def machine_key(model: nn.Module) -> dict:
+    """What a forward's cost depends on besides the model's shape: device, dtype, threads, kernels, torch."""
+    device = model_device(model)
+    key = {
+        "device": device.type,
+        "dtype": str(model_dtype(model)).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device.type == "cpu":
+        key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        key["onednn_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+        key["cpu_model"] = cpu_model_name()
+    elif device.type == "cuda":
+        key["gpu"] = torch.cuda.get_device_name(device)
+    return key
+
+
+def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int) -> float:
+    """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens.
+
+    The context is fed once; after each timed forward the cache is cropped back to it.
+    """
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
+    extra = {}
+    if model.config.is_encoder_decoder:  # the encoder runs once per generate(): not part of a step
+        extra["encoder_outputs"] = model.get_encoder()(input_ids=ids[:, :context], return_dict=True)
+    cache = new_cache(model)
+    _feed(model, ids[:, :context], cache, extra)
+    keep_recurrent_states(cache, n_new + 1)  # recurrent layers can go back before the timed tokens
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        start = _clock(model.device)
+        _feed(model, ids[:, context:], cache, extra)
+        times.append(1000 * (_clock(model.device) - start))
+        crop_cache(cache, n_new)
+    return statistics.median(times[1:])
+
+
+def _feed(model: PreTrainedModel, ids: torch.Tensor, cache, extra: dict) -> None:
+    name = "decoder_input_ids" if model.config.is_encoder_decoder else "input_ids"
+    model(**{name: ids, cache_kwarg(model): cache}, **extra, use_cache=True)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
