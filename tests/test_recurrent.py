@@ -17,7 +17,17 @@ from test_sampling import SAMPLING, bild_joint_counts, chi_square_p_value, large
 from tiny_models import train
 
 import bild
-from bild.compat import crop_cache, has_recurrent_state, keep_recurrent_states, new_cache
+from bild.compat import (
+    crop_cache,
+    has_recurrent_state,
+    keep_recurrent_states,
+    new_cache,
+    records_recurrent_states,
+)
+
+pytestmark = pytest.mark.skipif(
+    not records_recurrent_states(), reason="this transformers keeps no per-token record of recurrent states"
+)
 
 
 def tiny(kind: str, hidden: int, layers: int, seed: int, chain: torch.Tensor, steps: int):
@@ -106,6 +116,17 @@ def test_siblings_need_attention_auto_skips_them_and_a_fixed_number_says_what_to
     assert out.bild_stats.siblings == [0] and out.sequences.tolist() == greedy(large, ids, n_new=8).tolist()
     with pytest.raises(ValueError, match="recurrent.*fallback_candidates=1"):
         large.generate(ids, generation_mode="bild", fallback_candidates=3, max_new_tokens=4, pad_token_id=PAD)
+
+
+def test_without_a_record_of_past_states_bild_says_to_upgrade(models, monkeypatch):
+    monkeypatch.setattr("bild.compat.records_recurrent_states", lambda: False)
+    large = models["mamba"]
+    bild.attach(large, models["mamba-small"])
+    try:
+        with pytest.raises(NotImplementedError, match="bild rolls MambaForCausalLM.*transformers>=5.25"):
+            large.generate(prompts(1)[0][None], generation_mode="bild", max_new_tokens=4, pad_token_id=PAD)
+    finally:
+        bild.detach(large)
 
 
 def test_early_exit_refuses_a_recurrent_model_clearly(models):

@@ -50,7 +50,6 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import (
     Cache,
-    DummyLayer,
     DynamicLayer,
     DynamicSlidingWindowLayer,
     get_layer_types_and_kwargs,
@@ -65,6 +64,12 @@ try:  # recurrent cache layers (transformers 5.2x)
 except ImportError:  # pragma: no cover - older versions decode no recurrent model
     LinearAttentionCacheLayerMixin = LinearAttentionAndFullAttentionLayer = None
     LinearAttentionAndSlidingWindowAttentionLayer = ()
+try:  # layers that store nothing (shared KV, attention-free layers): 5.2x
+    from transformers.cache_utils import DummyLayer
+
+    STORELESS_LAYERS = (DummyLayer,)
+except ImportError:  # pragma: no cover - 5.17
+    STORELESS_LAYERS = ()
 
 
 def new_cache(model: PreTrainedModel) -> Cache:
@@ -135,7 +140,7 @@ def is_attention_free(model: PreTrainedModel) -> bool:
     the tokens fed only (stock generate() passes none after the prefill), not of the cache before them."""
     layers = _cache_layers(_typed_cache(model)) if has_recurrent_state(model) else []
     return bool(layers) and all(
-        isinstance(layer, LinearAttentionCacheLayerMixin | DummyLayer) and not isinstance(layer, DynamicLayer)
+        isinstance(layer, (LinearAttentionCacheLayerMixin, *STORELESS_LAYERS)) and not isinstance(layer, DynamicLayer)
         for layer in layers
     )
 
@@ -152,6 +157,8 @@ def attention_window(model: PreTrainedModel) -> int | None:
         layer_types, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
     except Exception:  # configs without per-layer information
         return None
+    if isinstance(layer_kwargs, dict):  # 5.17: one set of kwargs for every layer
+        layer_kwargs = [layer_kwargs] * len(layer_types)
     windows = [
         kwargs["sliding_window"] for kind, kwargs in zip(layer_types, layer_kwargs, strict=True)
         if kind in WINDOWED_LAYER_TYPES and kwargs.get("sliding_window")
@@ -163,7 +170,7 @@ def recurrent_rollback_obstacle(model: PreTrainedModel) -> str | None:
     """Why bild cannot roll back ``model``'s recurrent state on this transformers version, or None."""
     if not has_recurrent_state(model):
         return None
-    if not _records_recurrent_states(model):
+    if not records_recurrent_states():
         import transformers
 
         return (
@@ -210,7 +217,7 @@ def _needs_typed_layers(model: PreTrainedModel) -> bool:
     return cache is not None and any(type(layer) not in plain for layer in cache.layers)
 
 
-def _records_recurrent_states(model: PreTrainedModel) -> bool:
+def records_recurrent_states() -> bool:
     """Whether this transformers version's recurrent layers record per-token past states (``recurrent_states_to_keep``)."""
     return LinearAttentionCacheLayerMixin is not None and "recurrent_states_to_keep" in inspect.signature(
         LinearAttentionCacheLayerMixin.activate_past_recording
