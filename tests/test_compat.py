@@ -156,10 +156,18 @@ def test_bart_siblings_placed_by_explicit_positions_see_what_their_own_path_sees
     assert_siblings_see_their_own_path(large, src, absolute_positions(large, torch.tensor([0, 1, 2, 3, 3, 3])))
 
 
-def test_the_ensemble_weight_probe_follows_the_version():
-    from packaging.version import Version
-    from transformers import __version__
+def test_the_ensemble_weight_probe_says_whether_stock_assisted_generation_takes_it(causal_pair):
+    from transformers import GenerationConfig
 
     from bild.compat import supports_assistant_ensemble_weight
 
-    assert supports_assistant_ensemble_weight() == (Version(__version__) >= Version("5.25"))
+    large, small = causal_pair
+    ids = prompts(1)[0][None]
+    if not supports_assistant_ensemble_weight():
+        assert not hasattr(GenerationConfig(), "assistant_ensemble_weight")
+        return
+    out = large.generate(ids, assistant_model=small, assistant_ensemble_weight=0.5, max_new_tokens=3,
+                         do_sample=False, pad_token_id=PAD)  # fmt: skip
+    assert out.shape == (1, ids.shape[1] + 3)
+    with pytest.raises(ValueError, match="assistant_ensemble_weight"):
+        GenerationConfig(assistant_ensemble_weight=1.5).validate()

@@ -21,6 +21,7 @@ from registry_models import Built, cached_pair, prompt_ids, registry_types
 
 import bild
 from bild import DraftCosts
+from bild.compat import has_recurrent_state, records_recurrent_states
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,6 +99,8 @@ def first_split_dependent_token(built: Built, inputs: dict, out) -> int | None:
                 kwargs["position_ids"] = torch.arange(sequences.shape[1])[None]  # as generate() passes them
             logits = built.large(**kwargs).logits[0, inputs["input_ids"].shape[1] - 1 : -1]
     except Exception:  # noqa: BLE001 - not every model takes a whole text in one forward; then nothing to say
+        return None
+    if logits.dim() != 2 or len(logits) < len(stepwise):  # a model that did not read the whole text as asked
         return None
     differs = (logits[: len(stepwise)].argmax(-1) != stepwise).nonzero()
     return int(differs[0]) if len(differs) else None
@@ -198,4 +201,6 @@ def test_batch_rows_equal_rows_alone(key):
     built = cached_pair(key)
     if isinstance(built, str):
         pytest.skip(f"not built: {built}")
+    if has_recurrent_state(built.large) and not records_recurrent_states():
+        pytest.skip("this transformers keeps no record of recurrent states: bild refuses these models (tested)")
     check_batch_rows(built.large, built.small, left_padded(built))

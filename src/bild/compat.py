@@ -30,7 +30,7 @@ tested in tests/test_compat.py:
 - `absolute_positions`: BART-like decoders (BART, mBART, Marian, Blenderbot, ...) add position embeddings from
   ``decoder.embed_positions``, whose forward takes ``position_ids`` (computed by the decoder from its cache
   length); a forward pre-hook replaces them for a forward whose tokens do not sit at their slots.
-- `supports_assistant_ensemble_weight`: stock's ``assistant_ensemble_weight`` is a GenerationConfig field (5.25 on).
+- `supports_assistant_ensemble_weight`: stock's ``assistant_ensemble_weight`` is a GenerationConfig field (5.17 on, checked).
 - Recurrent layers (`new_cache`, `crop_cache`, `keep_recurrent_states`, `has_recurrent_state`): transformers builds
   linear-attention / state-space cache layers from the config (``DynamicCache(config=...)``, 5.2x); after
   ``activate_past_recording(recurrent_states_to_keep=n)`` a layer keeps its conv buffer whole and appends, per
@@ -176,7 +176,8 @@ def recurrent_rollback_obstacle(model: PreTrainedModel) -> str | None:
         return (
             f"bild rolls {type(model).__name__}'s recurrent (linear-attention / state-space) layers back through "
             f"their recorded past states, which transformers {transformers.__version__} does not keep: upgrade to "
-            f"transformers>=5.25, or decode this model without generation_mode='bild'."
+            f"transformers>=5.25 (pip install -U transformers), or use stock generate() for this model (leave out "
+            f"generation_mode='bild')."
         )
     return None
 
@@ -264,7 +265,7 @@ class SeenByGenerate:
 
 
 def supports_assistant_ensemble_weight() -> bool:
-    """Whether stock assisted generation takes ``assistant_ensemble_weight`` (its lossy verification, 5.25 on)."""
+    """Whether stock assisted generation takes ``assistant_ensemble_weight`` (its lossy verification; 5.17 on)."""
     return hasattr(GenerationConfig(), "assistant_ensemble_weight")
 
 
@@ -304,6 +305,12 @@ def tree_attention_mask(model: PreTrainedModel, allowed: torch.Tensor) -> torch.
         f"fallback_candidates > 1 needs a model with attn_implementation in {TREE_MASK_ATTENTION}, got "
         f"{implementation!r}: load it with attn_implementation='sdpa', or use fallback_candidates <= 1."
     )
+
+
+def takes_custom_4d_mask(model: PreTrainedModel) -> bool:
+    """Whether a decoder-only model's attention takes a custom 4D mask as given: models on transformers' attention
+    interface do (``_supports_attention_backend``); others (e.g. Megatron-BERT on 5.17) may misread one."""
+    return bool(getattr(model, "_supports_attention_backend", False))
 
 
 def has_relative_positions(model: PreTrainedModel) -> bool:

@@ -17,6 +17,7 @@ from .compat import (
     has_relative_positions,
     recurrent_rollback_obstacle,
     relative_positions,
+    takes_custom_4d_mask,
     takes_forward_arg,
     tree_attention_mask,
 )
@@ -812,12 +813,16 @@ def sibling_obstacle(large_model, small_model) -> str | None:
     if not (
         has_relative_positions(large_model)
         or embeds_decoder_positions(large_model)
-        or (not large_model.config.is_encoder_decoder and takes_forward_arg(large_model, "position_ids"))
+        or (
+            not large_model.config.is_encoder_decoder
+            and takes_forward_arg(large_model, "position_ids")
+            and takes_custom_4d_mask(large_model)
+        )
     ):
         return (
             f"fallback_candidates > 1 checks siblings at one position through explicit positions, which "
-            f"{type(large_model).__name__} does not take (decoder-only models with position_ids, T5-family and "
-            f"BART-like encoder-decoders do)"
+            f"{type(large_model).__name__} does not take with a custom attention mask (decoder-only models with "
+            f"position_ids on transformers' attention interface, T5-family and BART-like encoder-decoders do)"
         )
     if hasattr(small_model, "bild_decoders"):
         return "fallback_candidates > 1 does not work with a drafter inside the large model (early exit)"

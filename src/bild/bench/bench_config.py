@@ -21,13 +21,13 @@ METHOD_KEYS = {
     "large": (),
     "small": (),
     "assisted": ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-                 "assistant_ensemble_weight"),  # the last: stock's lossy verification (transformers >= 5.25)
+                 "assistant_ensemble_weight"),  # the last: stock's lossy verification (transformers >= 5.17)
     "bild": (*BILD_FIELDS, *CONTEXT_FIELDS),  # prompt_lookup_num_tokens, max_matching_ngram_size: context drafts
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
 DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size")  # see bench/loading.py
 ENSEMBLE_WEIGHT = "assistant_ensemble_weight"
-ENSEMBLE_VERSION = "5.25"  # the first transformers with `assistant_ensemble_weight` (static ensemble verification)
+ENSEMBLE_VERSION = "5.17"  # `assistant_ensemble_weight` (static ensemble verification) is there from 5.17 (checked)
 
 
 @dataclass(frozen=True)

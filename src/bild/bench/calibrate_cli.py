@@ -57,7 +57,7 @@ def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
     sub.add_argument("--ensemble-weight",
                      help="also choose stock assisted generation's assistant_ensemble_weight from these values in (0, "
                      "1] (e.g. 0.3,0.5,0.7,1; 1: lossless) by the same rule, and check it on the same held-out "
-                     "examples (transformers >= 5.25)")  # fmt: skip
+                     "examples (transformers >= 5.17)")  # fmt: skip
     sub.add_argument("--resume", action="store_true",
                      help="continue an interrupted calibration in --out from its runs' journals (calls.jsonl)")
     sub.add_argument("--confidence", type=float, default=0.9, help="two-sided bootstrap interval (default 0.9)")

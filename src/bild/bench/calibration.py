@@ -9,7 +9,7 @@ budgets the bootstrap of a setting that changes some outputs also draws one unse
 (`WORST_EXAMPLE`): changed answers that happened to keep their score are not proof of safety.
 
 With ``ensemble_weights``, stock assisted generation's lossy rule (``assistant_ensemble_weight=w``, transformers
->= 5.25) gets the same treatment in the same runs: every weight runs on the calibration slice beside the BiLD grid
+>= 5.17) gets the same treatment in the same runs: every weight runs on the calibration slice beside the BiLD grid
 (with the same drafter), the fastest weight whose interval stays within the budget is chosen, and it runs on the
 held-out slice beside BiLD's choice, with its own interval and verdict.
 
@@ -317,7 +317,7 @@ def calibrate(
             None: the config's plain small model. A compressed or early-exit drafter needs measured ``draft_costs``
             with ``speed="calls"`` (weight bytes of the uncompressed model would misprice it).
         ensemble_weights: stock assisted generation's ``assistant_ensemble_weight`` values (each in (0, 1]; 1:
-            lossless) to choose from in the same way, on the same slices (transformers >= 5.25). The stock settings
+            lossless) to choose from in the same way, on the same slices (transformers >= 5.17). The stock settings
             are those of the config's first assisted method (else stock's defaults); the drafter is ``drafter``.
         resume: continue an interrupted calibration in ``out_dir`` from the journals of its two bench runs.
         progress: show run_bench's progress bars.
