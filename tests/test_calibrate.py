@@ -37,7 +37,7 @@ from bild.bench.tasks.base import Example, chat_prompt
 from bild.schedule import DraftCosts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_pair import synthetic_pairs  # noqa: E402
+from tiny_pair import synthetic_pairs, write_translation_data  # noqa: E402
 
 N_EXAMPLES = 12
 PREFIX = "Translate to English: "
@@ -46,11 +46,7 @@ MAX_NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "de-en.jsonl"
-    pairs = synthetic_pairs(N_EXAMPLES, seed=7)
-    rows = [{"id": f"ex{i}", "source": de, "reference": en} for i, (de, en) in enumerate(pairs)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
+    return write_translation_data(tmp_path_factory.mktemp("data"), N_EXAMPLES)
 
 
 def write_config(folder: Path, pair, data_file: Path, **overrides) -> Path:

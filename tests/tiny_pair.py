@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,14 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
         )
         pairs.append((f"{s_de} {v_de}{a_de}.", f"{s_en} {v_en}{a_en}."))
     return pairs
+
+
+def write_translation_data(folder: Path, n: int, seed: int = 7) -> Path:
+    """A JSONL file of ``n`` synthetic German->English examples (``id``, ``source``, ``reference``) in ``folder``."""
+    path = Path(folder) / "de-en.jsonl"
+    rows = [{"id": f"ex{i}", "source": de, "reference": en} for i, (de, en) in enumerate(synthetic_pairs(n, seed))]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
 
 
 def synthetic_corpus(n: int = 400, seed: int = 0) -> list[str]:
