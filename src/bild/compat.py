@@ -138,10 +138,11 @@ def has_recurrent_state(model: PreTrainedModel) -> bool:
 def is_attention_free(model: PreTrainedModel) -> bool:
     """A model whose layers are all recurrent (Mamba, Falcon-Mamba, ...): its forward takes the attention mask of
     the tokens fed only (stock generate() passes none after the prefill), not of the cache before them."""
-    layers = _cache_layers(_typed_cache(model)) if has_recurrent_state(model) else []
-    return bool(layers) and all(
-        isinstance(layer, (LinearAttentionCacheLayerMixin, *STORELESS_LAYERS)) and not isinstance(layer, DynamicLayer)
-        for layer in layers
+    cache = _typed_cache(model)
+    recurrent = _recurrent_layers(cache)
+    return bool(recurrent) and all(
+        (layer in recurrent or isinstance(layer, STORELESS_LAYERS)) and not isinstance(layer, DynamicLayer)
+        for layer in _cache_layers(cache)
     )
 
 

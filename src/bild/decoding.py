@@ -456,8 +456,7 @@ def stop_rows(state: BatchState, rules: TokenRules, start: torch.Tensor, outputs
     step, as in stock: at a length once every row has reached it or ended. A row ahead may then be ended
     by it at a token it has already passed (the tokens after it are dropped).
     """
-    stateless = StoppingCriteriaList(c for c in rules.stopping_criteria if isinstance(c, STATELESS_CRITERIA))
-    in_step = StoppingCriteriaList(c for c in rules.stopping_criteria if not isinstance(c, STATELESS_CRITERIA))
+    stateless, in_step = split_criteria(rules.stopping_criteria)
     is_checking = ~state.finished
     if stateless and bool(is_checking.any()):
         for length in range(int(start[is_checking].min()) + 1, int(state.lengths[is_checking].max()) + 1):
@@ -471,6 +470,12 @@ def stop_rows(state: BatchState, rules: TokenRules, start: torch.Tensor, outputs
     state.finished |= state.lengths >= rules.max_length
     if in_step:
         stop_rows_in_step(state, rules, in_step, outputs)
+
+
+def split_criteria(criteria: StoppingCriteriaList) -> tuple[StoppingCriteriaList, StoppingCriteriaList]:
+    """``(stateless, in_step)``: the criteria that judge each row alone (`STATELESS_CRITERIA`), and the rest."""
+    stateless = StoppingCriteriaList(c for c in criteria if isinstance(c, STATELESS_CRITERIA))
+    return stateless, StoppingCriteriaList(c for c in criteria if not isinstance(c, STATELESS_CRITERIA))
 
 
 def stop_rows_in_step(
@@ -743,9 +748,8 @@ def decode_rows(
     loop; any other (lm-eval's stop sequences) may remember rows, so the rows take turns, a round each, and such
     criteria see the whole batch in step after every turn, as in `stop_rows_in_step`."""
     outputs = dict(output_scores=output_scores, output_logits=output_logits)
-    in_step = StoppingCriteriaList(c for c in rules.stopping_criteria if not isinstance(c, STATELESS_CRITERIA))
-    row_rules = replace(rules, stopping_criteria=StoppingCriteriaList(
-        c for c in rules.stopping_criteria if isinstance(c, STATELESS_CRITERIA)))  # fmt: skip
+    stateless, in_step = split_criteria(rules.stopping_criteria)
+    row_rules = replace(rules, stopping_criteria=stateless)
     runs = [start_run(large_model, small_model, inputs.row(b), row_rules, settings, **outputs)
             for b in range(inputs.input_ids.shape[0])]  # fmt: skip
     if not in_step:  # each row to its end, one after another

@@ -123,14 +123,20 @@ def timed_call(spec: MethodSpec, pair, batch: Batch, config: BenchConfig, stoppi
         start = clock(device)
         out: Generated = generate(spec, pair, batch, config.max_new_tokens, stopping, config.sampling)
         wall_s = clock(device) - start
+    stats = None if out.bild_stats is None else [out.bild_stats.row(row) for row in range(len(batch.indices))]
+    store_call(record, batch, out.token_ids, stats, {
+        "wall_s": wall_s, "large_forwards": counts["large"], "small_forwards": counts["small"],
+        "large_s": seconds["large"], "small_s": seconds["small"],
+    })  # fmt: skip
+
+
+def store_call(record: MethodRecord, batch: Batch, token_ids: list, bild_stats: list | None, call: dict) -> None:
+    """Keep one call's outputs (per row of ``batch``) and its measurements in ``record``."""
     for row, index in enumerate(batch.indices):
-        record.token_ids[index] = out.token_ids[row]
-        if out.bild_stats is not None:
-            record.bild_stats[index] = out.bild_stats.row(row)
-    record.calls.append(
-        {"examples": list(batch.indices), "wall_s": wall_s, "large_forwards": counts["large"],
-         "small_forwards": counts["small"], "large_s": seconds["large"], "small_s": seconds["small"]}
-    )  # fmt: skip
+        record.token_ids[index] = token_ids[row]
+        if bild_stats is not None:
+            record.bild_stats[index] = bild_stats[row]
+    record.calls.append({"examples": list(batch.indices), **call})
 
 
 def journal_call(journal: Journal, key: str, label: str, seed: int, batch: Batch, record: MethodRecord,
@@ -144,14 +150,13 @@ def journal_call(journal: Journal, key: str, label: str, seed: int, batch: Batch
 
 def replay(done: dict, batch: Batch, record: MethodRecord) -> None:
     """Store a call read from the journal in ``record``, as `timed_call` stored it when it ran."""
-    for row, index in enumerate(batch.indices):
-        record.token_ids[index] = list(done["token_ids"][row])
-        if done.get("bild_stats"):
-            counts = done["bild_stats"][row]
-            record.bild_stats[index] = BildStats(**{name: counts.get(name, [0]) for name in BildStats.names()})
-    record.calls.append({"examples": list(batch.indices), "wall_s": done["wall_s"],
-                         "large_forwards": done["large_forwards"], "small_forwards": done["small_forwards"],
-                         "large_s": done.get("large_s"), "small_s": done.get("small_s")})  # fmt: skip
+    stats = None
+    if done.get("bild_stats"):
+        stats = [BildStats(**{name: counts.get(name, [0]) for name in BildStats.names()}) for counts in done["bild_stats"]]
+    store_call(record, batch, [list(ids) for ids in done["token_ids"]], stats, {
+        "wall_s": done["wall_s"], "large_forwards": done["large_forwards"], "small_forwards": done["small_forwards"],
+        "large_s": done.get("large_s"), "small_s": done.get("small_s"),  # journaled before forwards were timed: None
+    })  # fmt: skip
 
 
 def run_bench(config: BenchConfig, *, progress: bool = True, config_file: str | None = None,
