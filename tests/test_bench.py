@@ -280,10 +280,10 @@ def test_shipped_configs_are_valid():
     for path in paths:
         names = {spec.name for spec in load_config(path).methods}
         # the task configs compare every method; the drafter studies (-aligned, -exit) large and BiLD only; the
-        # main job and the variant and default studies large, stock assisted and BiLD
+        # main job and the variant, default and drafter studies large, stock assisted and BiLD
         if path.stem.endswith(("-aligned", "-exit")):
             assert names == {"large", "bild"}, path
-        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults"):
+        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter"):
             assert names == {"large", "assisted", "bild"}, path
         else:
             assert names == {"large", "small", "assisted", "bild"}, path

@@ -17,6 +17,7 @@ from bild.drafters import (
     Int8Linear,
     PrunedHead,
     draft_vocabulary,
+    reading_text,
 )
 from bild.integration import vocab_size
 from bild.schedule import forward_bytes, forward_ms
@@ -59,6 +60,27 @@ def bild_generate(large, small, ids, mask, **kwargs):
         bild.detach(large)
 
 
+@torch.no_grad()
+def greedy_reading_text(model, ids, mask, n_new):
+    """Greedy decoding without a cache, each step's head reading its row's decoder tokens (`reading_text`);
+    `(B, T + n_new)` for a decoder-only model, `(B, 1 + n_new)` decoder tokens for an encoder-decoder one."""
+    is_seq2seq = model.config.is_encoder_decoder
+    seq = torch.full((len(ids), 1), model.config.decoder_start_token_id) if is_seq2seq else ids
+    is_done = torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(n_new):
+        with reading_text(model, seq, torch.full((len(seq),), seq.shape[1])):
+            if is_seq2seq:
+                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq).logits[:, -1]
+            else:
+                seq_mask = torch.cat([mask, mask.new_ones(len(seq), seq.shape[1] - mask.shape[1])], dim=1)
+                positions = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+                logits = model(seq, attention_mask=seq_mask, position_ids=positions).logits[:, -1]
+        next_ids = logits.argmax(-1).masked_fill(is_done, PAD)  # [B]
+        is_done |= next_ids == EOS
+        seq = torch.cat([seq, next_ids[:, None]], dim=1)
+    return seq
+
+
 @pytest.fixture(params=["causal", "t5"])
 def kind_pair(request, causal_pair, seq2seq_pair):
     return request.param, causal_pair if request.param == "causal" else seq2seq_pair
@@ -86,15 +108,34 @@ def test_no_fallback_no_rollback_is_compressed_greedy(kind_pair, batch_size, qua
     kind, (large, small) = kind_pair
     drafter = compressed(small, quantization, n_vocab)
     ids, mask = inputs(kind, batch_size)
-    expected = drafter.generate(
-        ids, attention_mask=mask, max_new_tokens=16, pad_token_id=PAD, do_sample=False
-    )
+    expected = drafter.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=PAD, do_sample=False)
     out = bild_generate(
         large, drafter, ids, mask, fallback_threshold=0.0, rollback_threshold=INF, max_draft_tokens=16,
         max_new_tokens=16, do_sample=False,
     )  # fmt: skip
     assert [strip(r) for r in out.sequences] == [strip(r) for r in expected]
     assert out.bild_stats.rollbacks == [0] * batch_size
+
+
+def test_pruned_drafter_alone_reads_the_text_it_was_fed(kind_pair):
+    """Outside bild's loop (its own generate(), stock assisted generation) a pruned head hears every token fed
+    since its cache was empty: cached greedy decoding equals uncached decoding that reads each row's text."""
+    kind, (_, small) = kind_pair
+    drafter = compressed(small, None, 24)
+    ids, mask = inputs(kind, 4)
+    out = drafter.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=PAD, do_sample=False)
+    expected = greedy_reading_text(drafter, ids, mask, 16)
+    assert [strip(r) for r in out] == [strip(r) for r in expected]
+    head, kept = drafter.get_output_embeddings(), drafter.get_output_embeddings().kept_ids
+    kwargs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": out} if kind == "t5" else {"input_ids": out}
+    with torch.no_grad():
+        logits, plain = drafter(**kwargs).logits, small(**kwargs).logits  # no cache: a new text, [B, T, V]
+    for b in range(4):
+        assert torch.equal(head.heard[b].nonzero().squeeze(1), out[b].unique())
+        allowed = torch.zeros(VOCAB, dtype=torch.bool).index_fill_(0, torch.cat([kept, out[b]]), True)
+        assert not allowed.all()
+        assert torch.allclose(logits[b][:, allowed], plain[b][:, allowed], atol=1e-5)
+        assert (logits[b][:, ~allowed] == torch.finfo(logits.dtype).min).all()
 
 
 # --- the draft vocabulary ----------------------------------------------------------------------------------
@@ -120,25 +161,34 @@ def test_greedy_drafter_never_drafts_outside_its_vocabulary(causal_pair):
     assert set(out[:, ids.shape[1] :].flatten().tolist()) <= kept
 
 
-def test_sampled_drafts_stay_in_the_vocabulary(causal_pair):
+def test_sampled_drafts_stay_in_the_vocabulary_or_the_text(causal_pair):
     large, small = causal_pair
     ids, mask = left_pad(prompts(4))
     kept = {PAD, EOS, BOS, *KEPT_WORDS}
     settings = dict(fallback_threshold=0.0, rollback_threshold=INF, max_draft_tokens=20, do_sample=True)
-    for drafter, should_stay in ((small, False), (compressed(small, "int8", len(kept), word_counts()), True)):
+    for drafter, is_pruned in ((small, False), (compressed(small, "int8", len(kept), word_counts()), True)):
         torch.manual_seed(0)
         out = bild_generate(large, drafter, ids, mask, **settings)
-        new_ids = out.sequences[:, ids.shape[1] :]  # [B, 20]: one round of drafts, then maybe a large token
-        drafts = {t for b, n in enumerate(out.bild_stats.accepted) for t in new_ids[b, :n].tolist()}
+        start = ids.shape[1]
         assert sum(out.bild_stats.accepted) >= 40
-        assert (drafts <= kept) == should_stay
+        outside, from_text = 0, 0  # drafts outside the kept ids; of those, ids the row's text held before them
+        for b, n in enumerate(out.bild_stats.accepted):
+            row = out.sequences[b].tolist()
+            for i in range(start, start + n):
+                if row[i] not in kept:
+                    outside += 1
+                    from_text += row[i] in row[:i]
+        if is_pruned:  # only the kept ids and the row's own text can be drafted, and the text is
+            assert 0 < outside == from_text
+        else:
+            assert outside > from_text, "the plain drafter must draft ids neither kept nor in its text"
 
 
 def test_pruned_logits_are_full_size_with_no_mass_outside(causal_pair):
     _, small = causal_pair
     drafter = compressed(small, None, 15, word_counts())
     ids, _ = left_pad(prompts(2))
-    with torch.no_grad():
+    with torch.no_grad(), reading_text(drafter, ids, torch.zeros(2, dtype=torch.long)):  # no text: kept ids only
         logits, plain = drafter(ids).logits, small(ids).logits  # [B, T, V]
     kept = draft_vocabulary(small, 15, word_counts())
     outside = torch.ones(VOCAB, dtype=torch.bool)
@@ -152,6 +202,25 @@ def test_pruned_logits_are_full_size_with_no_mass_outside(causal_pair):
     is_top_kept = torch.isin(plain.argmax(-1), kept)  # [B, T]
     assert is_top_kept.any() and not is_top_kept.all(), "both cases of the fallback rule must occur"
     assert (probs.amax(-1) >= plain_probs.amax(-1))[is_top_kept].all()  # a kept top is at least as confident
+
+
+def test_pruned_head_reads_each_rows_own_text(causal_pair):
+    _, small = causal_pair
+    drafter = compressed(small, None, 15, word_counts())
+    kept = draft_vocabulary(small, 15, word_counts())
+    ids, _ = left_pad(prompts(2))  # [2, T]: two rows of different words
+    lengths = torch.tensor([ids.shape[1], ids.shape[1] - 3])  # row 1 has read less of its buffer
+    with torch.no_grad(), reading_text(drafter, ids, lengths):
+        logits = drafter(ids).logits  # [B, T, V]
+    plain = small(ids).logits.detach()
+    for b in range(2):
+        allowed = torch.zeros(VOCAB, dtype=torch.bool)
+        allowed[kept] = True
+        allowed[ids[b, : lengths[b]]] = True
+        assert not torch.isin(ids[b, : lengths[b]], kept).all(), "the text must hold ids outside the kept ones"
+        assert torch.allclose(logits[b][:, allowed], plain[b][:, allowed], atol=1e-5)
+        assert (logits[b][:, ~allowed] == torch.finfo(logits.dtype).min).all()
+    assert drafter.get_output_embeddings().text_ids is None, "the text is read only within the context"
 
 
 def test_draft_vocabulary_ranking(causal_pair):
@@ -266,6 +335,17 @@ def test_int4_falls_back_to_int8_where_the_kernel_cannot(causal_pair):
     assert (drafter.bild_compression.n_int8, drafter.bild_compression.n_int4) == (1, 7)
 
 
+def test_group_size_is_per_layer_where_the_kernel_takes_it(causal_pair):
+    _, small = causal_pair
+    drafter = bild.compress_drafter(copy.deepcopy(small), "int4", group_size=64, dense_prefill=False)
+    layers = [m for m in drafter.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    assert {m.group_size for m in layers if isinstance(m, Int4Linear)} == {64}
+    assert all(isinstance(m, Int4Linear) == (m.in_features % 64 == 0 and m.out_features % 16 == 0) for m in layers)
+    assert 0 < drafter.bild_compression.n_int4 < len(layers), "the fixture must have layers of both kinds"
+    assert drafter.bild_compression.group_size == 64
+    assert bild.compress_drafter(copy.deepcopy(small), "int8").bild_compression.group_size is None
+
+
 def test_compressed_step_is_timed_like_any_model(causal_pair, seq2seq_pair):
     for _, small in (causal_pair, seq2seq_pair):
         assert 0 < forward_ms(compressed(small), context=16, n_new=1, repeats=3) < 10_000
@@ -278,6 +358,7 @@ def test_compressed_step_is_timed_like_any_model(causal_pair, seq2seq_pair):
     "kwargs,match",
     [
         (dict(quantization="int3"), "Unknown quantization"),
+        (dict(group_size=48), r"group_size=48 is not one the int4 CPU kernel takes: use one of \(32, 64, 128, 256\)"),
         (dict(vocab_size=VOCAB + 1), "vocab_size=49 must lie between the 3 special tokens"),
         (dict(vocab_size=2), "vocab_size=2 must lie between the 3 special tokens"),
         (dict(vocab_size=10, token_counts=torch.ones(VOCAB - 1)), r"token_counts has shape \(47,\)"),
@@ -325,3 +406,16 @@ def test_dense_prefill_runs_long_inputs_on_the_original_weights(causal_pair, qua
     finally:
         bild.detach(large)
     assert torch.equal(out, large.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD))
+
+
+def test_stock_assisted_generation_feeds_a_pruned_drafter_its_text(causal_pair):
+    large, small = causal_pair
+    drafter = compressed(small, None, 24)
+    ids, mask = left_pad(prompts(1))
+    expected = large.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    out = large.generate(
+        ids, attention_mask=mask, assistant_model=drafter, max_new_tokens=12, do_sample=False, pad_token_id=PAD
+    )  # fmt: skip
+    assert torch.equal(out, expected)
+    heard = drafter.get_output_embeddings().heard  # [1, V]: what the drafter was fed in its last round
+    assert heard is not None and heard[0, ids[0]].all(), "stock's drafter must hear the prompt"

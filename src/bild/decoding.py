@@ -23,6 +23,7 @@ from .compat import (
 )
 from .config import BildSettings
 from .context_drafts import context_draft_probs, propose_context_drafts
+from .drafters import reading_text
 from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
 from .schedule import AUTO, CandidateRule, DraftCosts, DraftSchedule
 from .state import STATELESS_CRITERIA, BatchState, DecoderInputs, Drafts, Sampling, TokenRules
@@ -101,7 +102,7 @@ class Decoder:
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n_keep + n_tree
         cache.record_from(index, is_fed, state.round_start)
-        with self._placing_siblings(n_tree, n_feed, chunk_len, positions):
+        with self._placing_siblings(n_tree, n_feed, chunk_len, positions), reading_text(self.model, state.token_ids, state.lengths):
             logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
         cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
         if n_tree:

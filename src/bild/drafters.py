@@ -10,12 +10,12 @@ one step after 128 tokens: Qwen2.5-Coder-0.5B 52 ms, int8 23 ms, int4 18 ms; the
 torchao's int8 weight-only config was 2.8x slower than bf16 there in eager mode. Other devices get a
 ValueError (on a GPU an eager drafter step is bound by per-call overhead, not by weight traffic).
 
-Defaults (int4, no draft vocabulary) are the fastest setting that kept acceptance within 2 points in
-lossless BiLD(0.5, 0, 20) on 8 HumanEval prompts with that pair (bf16, 64 new tokens, interleaved):
-accepted/drafted 0.750 uncompressed, 0.771 int8, 0.737 int4, 0.685 int8 with 64k ids, 0.645 with 32k
-(the pruned ids are mostly identifiers the code copies from its prompt); 2.42x (int8) and 2.65x (int4)
-faster than the 1.5B alone. Both Qwen checkpoints were made from 4-bit files, which flatters int4:
-prefer "int8" for a drafter whose acceptance drops more.
+Defaults (int4, group 32, a draft vocabulary of 32k ids where the vocabulary has 100k or more) are the fastest
+setting measured that never lost end to end: on the Qwen2.5-Coder pair (lossless BiLD at its defaults, bf16,
+docs/measured.md "Which drafter") the draft vocabulary that also reads its text was 1.5-5.5% faster on code,
+translation and summarization; groups of 128 were 4-5% faster on code and news and 3% slower on translation
+(coarser drafts). Both Qwen checkpoints were made from 4-bit files, which flatters int4: prefer "int8" for a
+drafter whose acceptance drops more.
 
 Private torch operators, used only in this module, each checked by `_require_op` before use:
 - `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`, scales in x's dtype;
@@ -24,20 +24,25 @@ Private torch operators, used only in this module, each checked by `_require_op`
   dequantizing `w = (q - 8) * scale + zero`.
 
 The draft vocabulary (as in FR-Spec) keeps only the `vocab_size` most frequent token ids in the
-output layer; the special tokens of the config and generation config (EOS, pad, BOS, decoder start)
-are always kept. The pruned layer still returns logits over the full vocabulary, with the dtype's
-lowest value at every other id, so softmax gives them probability 0 and argmax or sampling never
-drafts them. The softmax is thereby renormalized over the kept tokens: each kept token's probability is
-its full probability divided by the kept tokens' total mass, so it can only grow. Where the unpruned
-drafter's top token is kept, the top probability is at least the unpruned one and the fallback rule
-(``max(q) < fallback_threshold``) fires less often; where its top token was pruned, the drafter proposes
-its best kept token instead, with whatever confidence the renormalized softmax gives it, and the large
-model rolls back or rejects that draft whenever it disagrees. Outputs of a lossless setting
-(``rollback_threshold=0``) do not change; only the share of accepted drafts can.
+output layer (ranked by `token_counts`, else by id: BPE vocabularies are built roughly in order of
+frequency); the special tokens of the config and generation config (EOS, pad, BOS, decoder start)
+are always kept, and so are the ids of the text being decoded: each row's head also computes, from the
+original dense rows, the logits of the ids its own text holds (a prompt's identifiers, names the output
+made up), which a frequency cut alone would drop (on code, 32k ids without them lost 12 points of
+acceptance). In bild's loop the text is each row's tokens; elsewhere (the drafter's own generate(), stock
+assisted generation) every token fed since the cache was empty. The pruned layer still returns logits over
+the full vocabulary, with the dtype's lowest value at every other id, so softmax gives them probability 0
+and argmax or sampling never drafts them. The softmax is thereby renormalized over the allowed tokens, so
+each one's probability can only grow: where the unpruned drafter's top token is allowed, the top
+probability is at least the unpruned one and the fallback rule (``max(q) < fallback_threshold``) fires less
+often; where it was pruned, the drafter proposes its best allowed token instead, and the large model rolls
+back or rejects that draft whenever it disagrees. Outputs of a lossless setting (``rollback_threshold=0``)
+do not change; only the share of accepted drafts can.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Mapping
@@ -45,9 +50,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 QUANTIZATIONS = ("int8", "int4", None)
 INT4_GROUP_SIZE = 32  # inputs sharing one int4 scale and zero; the CPU kernel needs K % group == 0
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel takes
+AUTO = "auto"
+# vocab_size="auto": the draft vocabulary kept where the output layer is large (Qwen 151,936, Llama 3 128,256,
+# Gemma 262,144 ids); measured on the Qwen pair (docs/measured.md, "Which drafter"): +1.5% to +5.5% end to end
+AUTO_VOCAB_SIZE = 32768
+AUTO_VOCAB_FROM = 100_000
 INT4_ROW_MULTIPLE = 16  # the int4 CPU packing needs N % 16 == 0; other layers fall back to int8
 # torch's float32 int8/int4 CPU kernels are 4-9x slower than a dense float32 matmul (bf16: 2x faster than
 # dense bf16), so float32 layers run their packed matmul in bfloat16 and cast the result back
@@ -83,6 +95,7 @@ class DrafterCompression:
         vocab_size: rows kept in the output layer (the full vocabulary when not pruned).
         full_vocab_size: rows of the original output layer.
         n_dense_prefill: quantized layers that run long inputs (the prompt's prefill) on their dense weights.
+        group_size: inputs sharing one int4 scale and zero, or None without int4 layers.
     """
 
     quantization: str | None
@@ -91,6 +104,7 @@ class DrafterCompression:
     vocab_size: int
     full_vocab_size: int
     n_dense_prefill: int = 0  # quantized layers that keep their dense weights for long inputs (prefill)
+    group_size: int | None = None  # inputs per int4 scale and zero (None: no int4 layer)
 
 
 def _require_op(name: str) -> torch._ops.OpOverloadPacket:
@@ -195,24 +209,105 @@ class Int4Linear(DensePrefill):
 class PrunedHead(nn.Module):
     """An output layer computing only the kept token ids' logits, scattered into the full vocabulary.
 
-    Every other id gets the dtype's lowest value, so its probability is 0 and it is never drafted.
+    Every other id gets the dtype's lowest value, so its probability is 0 and it is never drafted, unless the
+    text being decoded holds it: each row also gets the logits of the ids its text holds that the kept ones
+    lack (identifiers copied from the prompt, names the text made up), from the dense rows of
+    ``source_weight``. In bild's loop the text is each row's tokens (`reading`); elsewhere (the drafter's own
+    generate(), stock assisted generation) it is every token the model was fed since its cache was empty
+    (`hear_inputs`, a forward pre-hook that `compress_drafter` installs).
     """
 
     weight = None  # the full-size weight is gone: read the vocabulary size from ``out_features``
 
-    def __init__(self, kept_head: nn.Module, kept_ids: torch.Tensor, out_features: int):
+    def __init__(
+        self, kept_head: nn.Module, kept_ids: torch.Tensor, out_features: int, source_weight: torch.Tensor | None = None
+    ):
         super().__init__()
         self.kept_head = kept_head  # [K] -> [V'] rows of the kept ids, maybe quantized
         self.register_buffer("kept_ids", kept_ids)  # [V'] ascending token ids
+        is_kept = torch.zeros(out_features, dtype=torch.bool, device=kept_ids.device)
+        self.register_buffer("is_kept", is_kept.index_fill_(0, kept_ids, True), persistent=False)  # [V]
+        # [V, K] the original dense output rows (the tied input embedding shares them); not saved twice
+        self.register_buffer("source_weight", source_weight, persistent=False)
         self.in_features = kept_head.in_features
         self.out_features = out_features  # V, the full vocabulary
+        self.text_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E], [B, E]) set by `reading`
+        self.heard: torch.Tensor | None = None  # [B, V] ids fed since the cache was empty, outside `reading`
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [..., K] -> logits [..., V]."""
-        kept_logits = self.kept_head(hidden)  # [..., V']
+        """hidden: [B, ..., K] -> logits [B, ..., V]."""
+        kept_logits = self.kept_head(hidden)  # [B, ..., V']
         lowest = torch.finfo(kept_logits.dtype).min
-        logits = kept_logits.new_full((*kept_logits.shape[:-1], self.out_features), lowest)  # [..., V]
-        return logits.index_copy_(-1, self.kept_ids, kept_logits)  # [..., V]
+        logits = kept_logits.new_full((*kept_logits.shape[:-1], self.out_features), lowest)  # [B, ..., V]
+        logits.index_copy_(-1, self.kept_ids, kept_logits)
+        text_ids = self.text_ids
+        if text_ids is None and self.heard is not None and len(self.heard) == len(hidden):
+            text_ids = self._missing(self.heard)
+        if text_ids is not None and len(text_ids[0]):
+            ids, row_holds = text_ids  # [E], [B, E]
+            extra = F.linear(hidden, self.source_weight[ids].to(hidden.dtype)).to(logits.dtype)  # [B, ..., E]
+            is_held = row_holds.reshape(row_holds.shape[0], *[1] * (hidden.dim() - 2), -1)  # [B, 1.., E]
+            logits.index_copy_(-1, ids, extra.masked_fill(~is_held, lowest))
+        return logits
+
+    def _holds(self, token_ids: torch.Tensor, is_text: torch.Tensor) -> torch.Tensor:
+        """`(B, V)` bool: the ids among ``token_ids`` `(B, S)` where ``is_text``."""
+        holds = torch.zeros(len(token_ids), self.out_features + 1, dtype=torch.bool, device=token_ids.device)
+        holds.scatter_(1, torch.where(is_text, token_ids, self.out_features).clamp(0, self.out_features), True)
+        return holds[:, :-1]  # column V: not text
+
+    def _missing(self, holds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [E], row_holds [B, E])``: the ids some row holds that the kept ones lack."""
+        holds = holds & ~self.is_kept  # [B, V]
+        ids = holds.any(0).nonzero().squeeze(1)  # [E]
+        return ids, holds[:, ids]
+
+    @contextlib.contextmanager
+    def reading(self, token_ids: torch.Tensor, lengths: torch.Tensor):
+        """Within this context, row ``b`` may also draft the ids in ``token_ids[b, :lengths[b]]``.
+
+        token_ids: `(batch_size, S)`; lengths: `(batch_size,)`. No-op without ``source_weight``.
+        """
+        if self.source_weight is None:
+            yield
+            return
+        is_text = torch.arange(token_ids.shape[1], device=token_ids.device) < lengths[:, None]  # [B, S]
+        self.text_ids = self._missing(self._holds(token_ids, is_text))
+        try:
+            yield
+        finally:
+            self.text_ids = None
+
+    def hear(self, token_ids: torch.Tensor, is_new_text: bool) -> None:
+        """Remember ``token_ids`` `(B, S)` as text (forgetting what came before when ``is_new_text``)."""
+        if self.source_weight is None:
+            return
+        holds = self._holds(token_ids, torch.ones_like(token_ids, dtype=torch.bool))
+        if is_new_text or self.heard is None or self.heard.shape != holds.shape:
+            self.heard = holds
+        else:
+            self.heard = self.heard | holds
+
+
+def hear_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a drafter with a `PrunedHead`: its head hears the decoder's input ids; an empty or
+    absent cache starts a new text."""
+    token_ids = kwargs.get("decoder_input_ids" if model.config.is_encoder_decoder else "input_ids")
+    if token_ids is None and args and not model.config.is_encoder_decoder:
+        token_ids = args[0]
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
+        return  # embeddings fed instead of ids: no text to hear
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    is_new_text = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
+    model.get_output_embeddings().hear(token_ids, is_new_text)
+
+
+def reading_text(model: nn.Module, token_ids: torch.Tensor, lengths: torch.Tensor):
+    """`PrunedHead.reading` for a drafter with a pruned output layer; a null context for any other model."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, PrunedHead):
+        return head.reading(token_ids, lengths)
+    return contextlib.nullcontext()
 
 
 def special_token_ids(model: nn.Module) -> set[int]:
@@ -279,11 +374,13 @@ def draft_vocabulary(model: nn.Module, vocab_size: int, token_counts=None) -> to
     return is_kept.nonzero().squeeze(1)  # [vocab_size]
 
 
-def _quantize(linear: nn.Linear, quantization: str | None, crossovers: dict | None = None) -> nn.Module:
+def _quantize(
+    linear: nn.Linear, quantization: str | None, crossovers: dict | None = None, group_size: int = INT4_GROUP_SIZE
+) -> nn.Module:
     """``linear`` quantized; with ``crossovers`` (a dict shared by the layers of one model), it keeps ``linear`` for
     inputs of as many rows as the timing of its shape says the dense weights are faster from (if any)."""
-    if quantization == "int4" and Int4Linear.fits(linear):
-        quantized = Int4Linear.from_linear(linear)
+    if quantization == "int4" and Int4Linear.fits(linear, group_size):
+        quantized = Int4Linear.from_linear(linear, group_size)
     elif quantization in ("int4", "int8"):
         quantized = Int8Linear.from_linear(linear)
     else:
@@ -325,13 +422,15 @@ def _keep_rows(linear: nn.Linear, kept_ids: torch.Tensor) -> nn.Linear:
     return rows
 
 
-def _check_arguments(model: nn.Module, quantization, linears: list[tuple[str, nn.Linear]]) -> None:
+def _check_arguments(model: nn.Module, quantization, linears: list[tuple[str, nn.Linear]], group_size) -> None:
     if hasattr(model, "bild_compression"):
         raise ValueError(
             f"This drafter is already compressed ({model.bild_compression}): compress a freshly loaded model instead."
         )
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"Unknown quantization {quantization!r}: use one of {QUANTIZATIONS}.")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not one the int4 CPU kernel takes: use one of {INT4_GROUP_SIZES}.")
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to compress.")
     device = linears[0][1].weight.device
@@ -347,8 +446,8 @@ def _check_arguments(model: nn.Module, quantization, linears: list[tuple[str, nn
 
 @torch.no_grad()
 def compress_drafter(
-    small: nn.Module, quantization: str | None = "int4", vocab_size: int | None = None, token_counts=None,
-    dense_prefill: bool = True,
+    small: nn.Module, quantization: str | None = "int4", vocab_size: int | str | None = "auto", token_counts=None,
+    dense_prefill: bool = True, group_size: int = INT4_GROUP_SIZE,
 ) -> nn.Module:
     """Make a small (drafter) model cheaper to run, in place, and return it.
 
@@ -356,18 +455,26 @@ def compress_drafter(
         small: a transformers model (decoder-only or encoder-decoder) whose output layer is an nn.Linear.
         quantization: "int4" (default: group 32; layers the kernel cannot take get int8), "int8" (per-row
             scales) or None; CPU only.
-        vocab_size: keep only this many output rows (special tokens + most frequent ids); None keeps all.
+        vocab_size: keep only this many output rows (special tokens + most frequent ids; in bild's loop and
+            wherever the drafter hears its text, the ids the text holds as well); None keeps all; "auto"
+            (default): `AUTO_VOCAB_SIZE` where the output layer has at least `AUTO_VOCAB_FROM` rows, else all.
         token_counts: `(V,)` counts per token id, or token-id sequences to count; None ranks by token id.
         dense_prefill: keep each layer's original weights for long inputs (the prompt's prefill), from the number
             of rows at which timing its shape here shows them faster than the packed kernel (if any). Memory: the
             dense weights stay alive; pass False to keep only the quantized ones.
+        group_size: inputs sharing one int4 scale and zero (a divisor of every layer's input size, else that layer
+            gets int8): larger groups read fewer bytes per step and round a little more coarsely.
 
     The logits keep their full `(..., V)` shape. What was done is recorded as ``small.bild_compression``.
     """
     linears = [(name, m) for name, m in small.named_modules() if isinstance(m, nn.Linear)]
-    _check_arguments(small, quantization, linears)
+    _check_arguments(small, quantization, linears, group_size)
     head = small.get_output_embeddings()
     n_vocab = head.out_features
+    if isinstance(vocab_size, bool) or not (vocab_size in (None, AUTO) or isinstance(vocab_size, int)):
+        raise ValueError(f"vocab_size={vocab_size!r}: use a number of token ids, None (all of them) or 'auto'.")
+    if vocab_size == AUTO:
+        vocab_size = AUTO_VOCAB_SIZE if n_vocab >= AUTO_VOCAB_FROM else None
     kept_ids = None if vocab_size is None else draft_vocabulary(small, vocab_size, token_counts)
     if kept_ids is not None and len(kept_ids) == n_vocab:
         kept_ids = None  # every row kept: nothing to prune
@@ -375,17 +482,20 @@ def compress_drafter(
     for name, linear in linears:
         if linear is head:
             continue
-        replace_module(small, name, _quantize(linear, quantization, crossovers))
+        replace_module(small, name, _quantize(linear, quantization, crossovers, group_size))
     new_head = head if kept_ids is None else _keep_rows(head, kept_ids.to(head.weight.device))
-    new_head = _quantize(new_head, quantization, crossovers)
-    if kept_ids is not None:
-        new_head = PrunedHead(new_head, kept_ids.to(head.weight.device), n_vocab)
+    new_head = _quantize(new_head, quantization, crossovers, group_size)
+    if kept_ids is not None:  # the original rows stay readable for ids the decoded text holds
+        new_head = PrunedHead(new_head, kept_ids.to(head.weight.device), n_vocab, head.weight.detach())
     small.set_output_embeddings(new_head)
+    if kept_ids is not None:
+        small.register_forward_pre_hook(hear_inputs, with_kwargs=True)
     n_int4 = sum(isinstance(m, Int4Linear) for m in small.modules())
     n_int8 = sum(isinstance(m, Int8Linear) for m in small.modules())
     n_dense = sum(isinstance(m, DensePrefill) and m.dense is not None for m in small.modules())
     small.bild_compression = DrafterCompression(
-        quantization, n_int8, n_int4, n_vocab if kept_ids is None else len(kept_ids), n_vocab, n_dense
+        quantization, n_int8, n_int4, n_vocab if kept_ids is None else len(kept_ids), n_vocab, n_dense,
+        group_size if n_int4 else None,
     )
     return small
 

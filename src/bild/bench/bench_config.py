@@ -25,7 +25,7 @@ METHOD_KEYS = {
     "bild": (*BILD_FIELDS, *CONTEXT_FIELDS),  # prompt_lookup_num_tokens, max_matching_ngram_size: context drafts
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
-DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size")  # see bench/loading.py
+DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size", "group_size")  # see bench/loading.py
 ENSEMBLE_WEIGHT = "assistant_ensemble_weight"
 ENSEMBLE_VERSION = "5.17"  # `assistant_ensemble_weight` (static ensemble verification) is there from 5.17 (checked)
 
@@ -70,7 +70,7 @@ class BenchConfig:
     top_p: float | None = None
     top_k: int | None = None
     seeds: tuple[int, ...] = (0,)
-    drafters: dict = field(default_factory=dict)  # name -> {model, quantization, vocab_size}
+    drafters: dict = field(default_factory=dict)  # name -> {model, quantization, vocab_size, group_size}
     methods: tuple[MethodSpec, ...] = ()
 
     @property
@@ -163,7 +163,7 @@ def parse_config(raw: Any, source: str = "config") -> BenchConfig:
 
 def parse_drafters(raw: Any, source: str) -> dict:
     """``{name: {model: <folder or hub id> | early_exit: k, adapter: <folder>, quantization: int8|int4|null,
-    vocab_size: N}}``, validated."""
+    vocab_size: N|auto|null, group_size: G}}``, validated."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: `drafters` must map names to drafter settings, got {raw!r}.")
     drafters = {}
@@ -175,8 +175,8 @@ def parse_drafters(raw: Any, source: str) -> dict:
                              f"got {entry!r}.")  # fmt: skip
         if entry.get("quantization") not in QUANTIZATIONS:
             raise ValueError(f"{source}: drafter {name!r}: `quantization` must be one of {list(QUANTIZATIONS)}.")
-        for key in ("vocab_size", "early_exit"):
-            if entry.get(key) is not None:
+        for key in ("vocab_size", "early_exit", "group_size"):
+            if entry.get(key) is not None and not (key == "vocab_size" and entry[key] == "auto"):
                 _positive_int(source, f"drafters.{name}.{key}", entry[key])
         if entry.get("early_exit") and entry.get("model"):
             raise ValueError(f"{source}: drafter {name!r}: `early_exit` drafts with the large model's layers; drop `model`.")
