@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import BOS, CHAIN, EOS, FIRST_WORD, PAD, VOCAB, left_pad, prompts, sample_chain
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import bild
 from bild.drafters import (
@@ -419,3 +420,14 @@ def test_stock_assisted_generation_feeds_a_pruned_drafter_its_text(causal_pair):
     assert torch.equal(out, expected)
     heard = drafter.get_output_embeddings().heard  # [1, V]: what the drafter was fed in its last round
     assert heard is not None and heard[0, ids[0]].all(), "stock's drafter must hear the prompt"
+
+
+@pytest.mark.parametrize("n_vocab,kept", [(100_000, 32_768), (99_999, None)])
+def test_auto_vocabulary_prunes_large_vocabularies_only(n_vocab, kept):
+    config = LlamaConfig(vocab_size=n_vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    drafter = bild.compress_drafter(LlamaForCausalLM(config).eval(), None)
+    assert drafter.bild_compression.vocab_size == (kept or n_vocab)
+    assert isinstance(drafter.get_output_embeddings(), PrunedHead) == (kept is not None)
+    with pytest.raises(ValueError, match="vocab_size='all': use a number of token ids, None"):
+        bild.compress_drafter(LlamaForCausalLM(config), None, vocab_size="all")
