@@ -334,6 +334,12 @@ def test_drafters_must_be_defined_and_valid():
         parse_config({**BASE, "drafters": {"q": {"quantization": "int3"}}})
     with pytest.raises(ValueError, match="drop `model`"):
         parse_config({**BASE, "drafters": {"q": {"early_exit": 2, "model": "x"}}})
+    with pytest.raises(ValueError, match="group_size"):
+        parse_config({**BASE, "drafters": {"q": {"quantization": "int4", "group_size": 0}}})
+    with pytest.raises(ValueError, match="vocab_size"):
+        parse_config({**BASE, "drafters": {"q": {"quantization": "int4", "vocab_size": "all"}}})
+    ok = {"a": {"quantization": "int4", "vocab_size": "auto", "group_size": 128}, "b": {"quantization": "int4", "vocab_size": None}}
+    assert parse_config({**BASE, "drafters": ok}).drafters == ok
 
 
 def test_variants_plot_writes_a_png(tmp_path, capsys):
