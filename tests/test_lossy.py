@@ -401,6 +401,8 @@ def test_calibrate_picks_the_ensemble_weight_on_one_slice_and_checks_it_on_the_n
     monkeypatch.setattr("bild.bench.running.generate", no_generation)
     again = calibrate(config, "agreement>=0.5", resume=True, **options)
     assert again.ensemble_chosen == result.ensemble_chosen and again.chosen.label == result.chosen.label
+    with pytest.raises(ValueError, match="its held-out slice starts at example 4, this run's at 3"):
+        calibrate(config, "agreement>=0.5", resume=True, **{**options, "calibration": 3})  # refused before searching
 
 
 def test_calibrate_command_passes_the_weights_and_resume(tmp_path, monkeypatch):

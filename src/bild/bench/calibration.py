@@ -42,6 +42,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from bild.bench.bench_config import ENSEMBLE_WEIGHT, BenchConfig, check_ensemble_weight
+from bild.bench.journal import JOURNAL, ResumeError, read
 from bild.bench.machine import resolve_device, resolve_dtype
 from bild.bench.paths import resolve_model
 from bild.bench.plot import plot_fronts, plot_pareto
@@ -342,6 +343,8 @@ def calibrate(
     ensemble = [{"name": "assisted", **stock, ENSEMBLE_WEIGHT: w, **uses} for w in weights]
     methods = [LARGE, *({"name": "bild", **settings, **uses} for settings in grid), *ensemble]  # validated by the bench
     out_dir = Path(out_dir)
+    if resume:  # before the search: a moved held-out slice would otherwise be refused only after it
+        check_held_out_slice(out_dir / "held-out", config.skip + calibration)
     search = run_bench(config.replace(methods=methods, limit=calibration, drafters=drafters), progress=progress,
                        out_dir=out_dir / "search", resume=resume)  # fmt: skip
     options = {"confidence": confidence, "n_bootstrap": n_bootstrap, "seed": seed}
@@ -382,6 +385,20 @@ def check_options(speed: str, calibration: int, held_out: int, confidence: float
             raise ValueError(f"{name} must be a positive number, got {value!r}.")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), e.g. 0.9 for a 90% interval, got {confidence!r}.")
+
+
+def check_held_out_slice(held_dir: Path, first: int) -> None:
+    """ResumeError when the held-out journal in ``held_dir`` was written for a slice starting elsewhere than
+    ``first`` (another ``--calibration`` or ``--skip``): its calls are for other examples."""
+    path = held_dir / JOURNAL
+    head = read(path)[0] if path.is_file() else None
+    found = None if head is None else head.get("setup", {}).get("skip")
+    if found is not None and found != first:
+        raise ResumeError(
+            f"Cannot resume {path}: its held-out slice starts at example {found}, this run's at {first} (another "
+            f"--calibration or --skip). Move {held_dir} aside (its calls are for other examples; the search's are "
+            "kept), or resume with the earlier sizes."
+        )
 
 
 def make_grid(fallbacks: Sequence[float], rollbacks: Sequence[float],
