@@ -102,7 +102,8 @@ class Decoder:
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = n_keep + n_tree
         cache.record_from(index, is_fed, state.round_start)
-        with self._placing_siblings(n_tree, n_feed, chunk_len, positions), reading_text(self.model, state.token_ids, state.lengths):
+        placing = self._placing_siblings(n_tree, n_feed, chunk_len, positions)
+        with placing, reading_text(self.model, state.token_ids, state.lengths):  # a pruned drafter head reads its rows
             logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
         cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
         if n_tree:

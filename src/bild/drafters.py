@@ -219,9 +219,7 @@ class PrunedHead(nn.Module):
 
     weight = None  # the full-size weight is gone: read the vocabulary size from ``out_features``
 
-    def __init__(
-        self, kept_head: nn.Module, kept_ids: torch.Tensor, out_features: int, source_weight: torch.Tensor | None = None
-    ):
+    def __init__(self, kept_head: nn.Module, kept_ids: torch.Tensor, out_features: int, source_weight: torch.Tensor):
         super().__init__()
         self.kept_head = kept_head  # [K] -> [V'] rows of the kept ids, maybe quantized
         self.register_buffer("kept_ids", kept_ids)  # [V'] ascending token ids
@@ -266,11 +264,8 @@ class PrunedHead(nn.Module):
     def reading(self, token_ids: torch.Tensor, lengths: torch.Tensor):
         """Within this context, row ``b`` may also draft the ids in ``token_ids[b, :lengths[b]]``.
 
-        token_ids: `(batch_size, S)`; lengths: `(batch_size,)`. No-op without ``source_weight``.
+        token_ids: `(batch_size, S)`; lengths: `(batch_size,)`.
         """
-        if self.source_weight is None:
-            yield
-            return
         is_text = torch.arange(token_ids.shape[1], device=token_ids.device) < lengths[:, None]  # [B, S]
         self.text_ids = self._missing(self._holds(token_ids, is_text))
         try:
@@ -279,8 +274,9 @@ class PrunedHead(nn.Module):
             self.text_ids = None
 
     def hear(self, token_ids: torch.Tensor, is_new_text: bool) -> None:
-        """Remember ``token_ids`` `(B, S)` as text (forgetting what came before when ``is_new_text``)."""
-        if self.source_weight is None:
+        """Remember ``token_ids`` `(B, S)` as text (forgetting what came before when ``is_new_text``); nothing
+        inside `reading`, whose text wins."""
+        if self.text_ids is not None:
             return
         holds = self._holds(token_ids, torch.ones_like(token_ids, dtype=torch.bool))
         if is_new_text or self.heard is None or self.heard.shape != holds.shape:
@@ -422,13 +418,17 @@ def _keep_rows(linear: nn.Linear, kept_ids: torch.Tensor) -> nn.Linear:
     return rows
 
 
-def _check_arguments(model: nn.Module, quantization, linears: list[tuple[str, nn.Linear]], group_size) -> None:
+def _check_arguments(
+    model: nn.Module, quantization, linears: list[tuple[str, nn.Linear]], vocab_size, group_size
+) -> None:
     if hasattr(model, "bild_compression"):
         raise ValueError(
             f"This drafter is already compressed ({model.bild_compression}): compress a freshly loaded model instead."
         )
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"Unknown quantization {quantization!r}: use one of {QUANTIZATIONS}.")
+    if isinstance(vocab_size, bool) or not (vocab_size in (None, AUTO) or isinstance(vocab_size, int)):
+        raise ValueError(f"vocab_size={vocab_size!r}: use a number of token ids, None (all of them) or 'auto'.")
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"group_size={group_size!r} is not one the int4 CPU kernel takes: use one of {INT4_GROUP_SIZES}.")
     if not linears:
@@ -468,11 +468,9 @@ def compress_drafter(
     The logits keep their full `(..., V)` shape. What was done is recorded as ``small.bild_compression``.
     """
     linears = [(name, m) for name, m in small.named_modules() if isinstance(m, nn.Linear)]
-    _check_arguments(small, quantization, linears, group_size)
+    _check_arguments(small, quantization, linears, vocab_size, group_size)
     head = small.get_output_embeddings()
     n_vocab = head.out_features
-    if isinstance(vocab_size, bool) or not (vocab_size in (None, AUTO) or isinstance(vocab_size, int)):
-        raise ValueError(f"vocab_size={vocab_size!r}: use a number of token ids, None (all of them) or 'auto'.")
     if vocab_size == AUTO:
         vocab_size = AUTO_VOCAB_SIZE if n_vocab >= AUTO_VOCAB_FROM else None
     kept_ids = None if vocab_size is None else draft_vocabulary(small, vocab_size, token_counts)

@@ -110,8 +110,8 @@ def auto_class(model: torch.nn.Module):
 def load_drafter(pair: ModelPair, entry: dict, dtype: torch.dtype) -> torch.nn.Module:
     """A drafter from a config's ``drafters`` entry: ``early_exit: k`` (with an optional trained ``adapter``
     folder), or ``model`` (default: a copy of the small model) then `bild.compress_drafter` with its
-    ``quantization``, ``vocab_size`` (default "auto", as there) and ``group_size`` when either of the first two
-    is given."""
+    ``quantization``, ``vocab_size`` and ``group_size`` (absent: its defaults) when either of the first two is
+    given."""
     if entry.get("early_exit"):
         drafter = early_exit(pair.large, entry["early_exit"], adapter=entry.get("adapter"))
     elif entry.get("model"):
@@ -121,9 +121,10 @@ def load_drafter(pair: ModelPair, entry: dict, dtype: torch.dtype) -> torch.nn.M
     else:
         drafter = copy.deepcopy(pair.small)
     if entry.get("quantization") or entry.get("vocab_size"):
-        options = {"group_size": entry["group_size"]} if entry.get("group_size") else {}
-        vocab = entry.get("vocab_size", "auto")  # absent: compress_drafter's default; null: the whole vocabulary
-        compress_drafter(drafter, quantization=entry.get("quantization"), vocab_size=vocab, **options)
+        options = {"vocab_size": entry["vocab_size"]} if "vocab_size" in entry else {}  # null: the whole vocabulary
+        if entry.get("group_size"):
+            options["group_size"] = entry["group_size"]
+        compress_drafter(drafter, quantization=entry.get("quantization"), **options)
     return drafter
 
 
