@@ -133,7 +133,8 @@ def test_pruned_drafter_alone_reads_the_text_it_was_fed(kind_pair):
         logits, plain = drafter(**kwargs).logits, small(**kwargs).logits  # no cache: a new text, [B, T, V]
     for b in range(4):
         assert torch.equal(head.heard[b].nonzero().squeeze(1), out[b].unique())
-        allowed = torch.zeros(VOCAB, dtype=torch.bool).index_fill_(0, torch.cat([kept, out[b]]), True)
+        source = ids.flatten() if kind == "t5" else out[b]  # an encoder-decoder's text holds its source (all rows')
+        allowed = torch.zeros(VOCAB, dtype=torch.bool).index_fill_(0, torch.cat([kept, out[b], source]), True)
         assert not allowed.all()
         assert torch.allclose(logits[b][:, allowed], plain[b][:, allowed], atol=1e-5)
         assert (logits[b][:, ~allowed] == torch.finfo(logits.dtype).min).all()
@@ -221,7 +222,38 @@ def test_pruned_head_reads_each_rows_own_text(causal_pair):
         assert not torch.isin(ids[b, : lengths[b]], kept).all(), "the text must hold ids outside the kept ones"
         assert torch.allclose(logits[b][:, allowed], plain[b][:, allowed], atol=1e-5)
         assert (logits[b][:, ~allowed] == torch.finfo(logits.dtype).min).all()
-    assert drafter.get_output_embeddings().text_ids is None, "the text is read only within the context"
+    assert drafter.get_output_embeddings().text is None, "the text is read only within the context"
+
+
+def test_encoder_decoder_drafter_reads_its_source(seq2seq_pair):
+    """A summary copies names from its article: a pruned encoder-decoder drafter also scores the ids its encoder
+    read (every row's), inside bild's loop (`reading`) as outside it, until the encoder reads a new source."""
+    _, small = seq2seq_pair
+    drafter = compressed(small, None, 15, word_counts())
+    kept = draft_vocabulary(small, 15, word_counts())
+    ids, mask = inputs("t5", 2)  # [2, 10] sources
+    start = torch.full((2, 1), small.config.decoder_start_token_id)
+    assert not torch.isin(ids[mask.bool()], kept).all(), "the sources must hold ids outside the kept ones"
+    kwargs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": start}
+    with torch.no_grad(), reading_text(drafter, start, torch.ones(2, dtype=torch.long)):
+        logits = drafter(**kwargs).logits[:, -1]  # [B, V]
+    plain = small(**kwargs).logits[:, -1].detach()
+    allowed = torch.zeros(VOCAB, dtype=torch.bool).index_fill_(0, torch.cat([kept, start.flatten(), ids.flatten()]), True)
+    assert not allowed.all()
+    assert torch.allclose(logits[:, allowed], plain[:, allowed], atol=1e-5)
+    assert (logits[:, ~allowed] == torch.finfo(logits.dtype).min).all()
+    other = ids[:1, :4].flip(1)  # a new source forgets the old one
+    with torch.no_grad():
+        drafter.get_encoder()(input_ids=other)
+    head = drafter.get_output_embeddings()
+    assert torch.equal(head.source.nonzero().squeeze(1), other.unique())
+    with torch.no_grad():
+        drafter.get_encoder()(inputs_embeds=drafter.get_input_embeddings()(other))
+    assert head.source is None, "embeddings fed instead of ids: no source to read"
+    copied = copy.deepcopy(drafter)  # a copy's encoder tells the copy's head, not the original's
+    with torch.no_grad():
+        copied.get_encoder()(input_ids=other)
+    assert head.source is None and torch.equal(copied.get_output_embeddings().source, torch.isin(torch.arange(VOCAB), other))
 
 
 def test_draft_vocabulary_ranking(causal_pair):

@@ -43,6 +43,7 @@ do not change; only the share of accepted drafts can.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Mapping
@@ -214,7 +215,10 @@ class PrunedHead(nn.Module):
     lack (identifiers copied from the prompt, names the text made up), from the dense rows of
     ``source_weight``. In bild's loop the text is each row's tokens (`reading`); elsewhere (the drafter's own
     generate(), stock assisted generation) it is every token the model was fed since its cache was empty
-    (`hear_inputs`, a forward pre-hook that `compress_drafter` installs).
+    (`hear_inputs`, a forward pre-hook that `compress_drafter` installs). An encoder-decoder drafter's text also
+    holds its source, the ids its encoder last read (`hear_source`, a pre-hook on the encoder), for every row
+    alike (rows of a batch may be decoded one at a time after one encoder pass over all of them): a summary
+    copies names from its article, a translation numbers and names from its sentence.
     """
 
     weight = None  # the full-size weight is gone: read the vocabulary size from ``out_features``
@@ -229,8 +233,9 @@ class PrunedHead(nn.Module):
         self.register_buffer("source_weight", source_weight, persistent=False)
         self.in_features = kept_head.in_features
         self.out_features = out_features  # V, the full vocabulary
-        self.text_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E], [B, E]) set by `reading`
+        self.text: torch.Tensor | None = None  # [B, V] ids each row's text holds, set by `reading`
         self.heard: torch.Tensor | None = None  # [B, V] ids fed since the cache was empty, outside `reading`
+        self.source: torch.Tensor | None = None  # [V] ids the encoder last read, all rows (encoder-decoder drafters)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, ..., K] -> logits [B, ..., V]."""
@@ -238,11 +243,11 @@ class PrunedHead(nn.Module):
         lowest = torch.finfo(kept_logits.dtype).min
         logits = kept_logits.new_full((*kept_logits.shape[:-1], self.out_features), lowest)  # [B, ..., V]
         logits.index_copy_(-1, self.kept_ids, kept_logits)
-        text_ids = self.text_ids
-        if text_ids is None and self.heard is not None and len(self.heard) == len(hidden):
-            text_ids = self._missing(self.heard)
-        if text_ids is not None and len(text_ids[0]):
-            ids, row_holds = text_ids  # [E], [B, E]
+        text = self.text
+        if text is None and self.heard is not None and len(self.heard) == len(hidden):
+            text = self.heard
+        ids, row_holds = self._missing(text)  # [E], [B, E]
+        if len(ids):
             extra = F.linear(hidden, self.source_weight[ids].to(hidden.dtype)).to(logits.dtype)  # [B, ..., E]
             is_held = row_holds.reshape(row_holds.shape[0], *[1] * (hidden.dim() - 2), -1)  # [B, 1.., E]
             logits.index_copy_(-1, ids, extra.masked_fill(~is_held, lowest))
@@ -254,8 +259,13 @@ class PrunedHead(nn.Module):
         holds.scatter_(1, torch.where(is_text, token_ids, self.out_features).clamp(0, self.out_features), True)
         return holds[:, :-1]  # column V: not text
 
-    def _missing(self, holds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids [E], row_holds [B, E])``: the ids some row holds that the kept ones lack."""
+    def _missing(self, holds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [E], row_holds [B, E])``: the ids some row's text holds (its ``holds`` `(B, V)`, or None: no
+        text), or the source does, that the kept ones lack."""
+        if self.source is not None:
+            holds = self.source[None] if holds is None else holds | self.source  # [B or 1, V]
+        if holds is None:
+            return self.kept_ids[:0], self.is_kept[None, :0]
         holds = holds & ~self.is_kept  # [B, V]
         ids = holds.any(0).nonzero().squeeze(1)  # [E]
         return ids, holds[:, ids]
@@ -267,16 +277,16 @@ class PrunedHead(nn.Module):
         token_ids: `(batch_size, S)`; lengths: `(batch_size,)`.
         """
         is_text = torch.arange(token_ids.shape[1], device=token_ids.device) < lengths[:, None]  # [B, S]
-        self.text_ids = self._missing(self._holds(token_ids, is_text))
+        self.text = self._holds(token_ids, is_text)
         try:
             yield
         finally:
-            self.text_ids = None
+            self.text = None
 
     def hear(self, token_ids: torch.Tensor, is_new_text: bool) -> None:
         """Remember ``token_ids`` `(B, S)` as text (forgetting what came before when ``is_new_text``); nothing
         inside `reading`, whose text wins."""
-        if self.text_ids is not None:
+        if self.text is not None:
             return
         holds = self._holds(token_ids, torch.ones_like(token_ids, dtype=torch.bool))
         if is_new_text or self.heard is None or self.heard.shape != holds.shape:
@@ -296,6 +306,17 @@ def hear_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     is_new_text = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
     model.get_output_embeddings().hear(token_ids, is_new_text)
+
+
+def hear_source(head: PrunedHead, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of an encoder-decoder drafter's encoder: ``head`` hears the source ids (every row's) as
+    part of each row's text until the encoder runs again; embeddings fed instead of ids: no source."""
+    token_ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
+        head.source = None
+        return
+    source = torch.zeros(head.out_features + 1, dtype=torch.bool, device=token_ids.device)
+    head.source = source.index_fill_(0, token_ids.flatten().clamp(0, head.out_features), True)[:-1]  # [V]
 
 
 def reading_text(model: nn.Module, token_ids: torch.Tensor, lengths: torch.Tensor):
@@ -456,8 +477,9 @@ def compress_drafter(
         quantization: "int4" (default: group 32; layers the kernel cannot take get int8), "int8" (per-row
             scales) or None; CPU only.
         vocab_size: keep only this many output rows (special tokens + most frequent ids; in bild's loop and
-            wherever the drafter hears its text, the ids the text holds as well); None keeps all; "auto"
-            (default): `AUTO_VOCAB_SIZE` where the output layer has at least `AUTO_VOCAB_FROM` rows, else all.
+            wherever the drafter hears its text, the ids the text holds as well, an encoder-decoder's source
+            included); None keeps all; "auto" (default): `AUTO_VOCAB_SIZE` where the output layer has at least
+            `AUTO_VOCAB_FROM` rows, else all.
         token_counts: `(V,)` counts per token id, or token-id sequences to count; None ranks by token id.
         dense_prefill: keep each layer's original weights for long inputs (the prompt's prefill), from the number
             of rows at which timing its shape here shows them faster than the packed kernel (if any). Memory: the
@@ -488,6 +510,8 @@ def compress_drafter(
     small.set_output_embeddings(new_head)
     if kept_ids is not None:
         small.register_forward_pre_hook(hear_inputs, with_kwargs=True)
+        if small.config.is_encoder_decoder:
+            small.get_encoder().register_forward_pre_hook(functools.partial(hear_source, new_head), with_kwargs=True)
     n_int4 = sum(isinstance(m, Int4Linear) for m in small.modules())
     n_int8 = sum(isinstance(m, Int8Linear) for m in small.modules())
     n_dense = sum(isinstance(m, DensePrefill) and m.dense is not None for m in small.modules())
