@@ -174,7 +174,7 @@ def test_bench_encoder_decoder_pair(tmp_path_factory, data_file, tmp_path):
     assert cli.main(["bench", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
     assert results["examples"][0]["prompt"].startswith("translate German to English: ")
-    bild_summary = results["methods"]["bild(0.6, 0, 10)"]
+    bild_summary = results["methods"]["bild(0.6, 0, 20)"]
     assert bild_summary["exact_match_large"] == 1.0
     assert bild_summary["large_forwards"] == bild_summary["bild"]["large_forwards"]  # encoder runs not counted
 
@@ -247,12 +247,12 @@ def test_config_defaults_and_overrides():
     assert config.methods[1].params == {
         "fallback_threshold": 0.6,
         "rollback_threshold": math.inf,
-        "max_draft_tokens": 10,
+        "max_draft_tokens": 20,
         "verify_fallback_token": False,
         "draft_costs": None,
         "fallback_candidates": "auto",
     }
-    assert config.methods[1].label == "bild(0.6, inf, 10)"
+    assert config.methods[1].label == "bild(0.6, inf, 20)"
     changed = config.replace(batch_size=4, limit=None, device="cuda:1")
     assert (changed.batch_size, changed.limit, changed.device, changed.methods) == (
         4,
@@ -319,8 +319,8 @@ def test_named_drafters_run_next_to_the_small_model(tiny_pair, data_file, tmp_pa
     out = tmp_path / "out"
     assert cli.main(["bench", "--config", str(config), "--out", str(out), "--quiet"]) == 0
     methods = json.loads((out / "results.json").read_text(encoding="utf-8"))["methods"]
-    assert list(methods) == ["large", "small [q8]", "assisted(n=4) [q8]", "bild(0.6, 0, 10) [q8]", "bild(0.6, 0, auto) [exit1]"]
-    for label in ("assisted(n=4) [q8]", "bild(0.6, 0, 10) [q8]", "bild(0.6, 0, auto) [exit1]"):
+    assert list(methods) == ["large", "small [q8]", "assisted(n=4) [q8]", "bild(0.6, 0, 20) [q8]", "bild(0.6, 0, auto) [exit1]"]
+    for label in ("assisted(n=4) [q8]", "bild(0.6, 0, 20) [q8]", "bild(0.6, 0, auto) [exit1]"):
         assert methods[label]["exact_match_large"] == 1.0, label  # lossless whatever the drafter
     exit_summary = methods["bild(0.6, 0, auto) [exit1]"]
     assert exit_summary["large_forwards"] == exit_summary["bild"]["large_forwards"]  # a shared head, counted apart

@@ -286,7 +286,7 @@ def test_bench_bild_method_takes_the_lookup_settings():
     lookup_method, plain = config.methods
     assert lookup_method.params["prompt_lookup_num_tokens"] == 5
     assert "max_matching_ngram_size" not in lookup_method.params
-    assert lookup_method.label == "bild(0.6, 2, 10+pl5)"
+    assert lookup_method.label == "bild(0.6, 2, 20+pl5)"
     assert "prompt_lookup_num_tokens" not in plain.params  # unset: not passed to generate()
     with pytest.raises(ValueError, match="my.yaml: bild method: `max_matching_ngram_size` must be"):
         parse_config({**base, "methods": [{"name": "bild", "max_matching_ngram_size": 0}]}, source="my.yaml")

@@ -242,7 +242,7 @@ def test_sweep_draws_both_fronts_with_one_drafter(tiny_pair, data_file, tmp_path
     assert cli.main(argv) == 0
     results = run_json(out)
     assert list(results["methods"]) == ["large", "small [q8]", "assisted(n=4) w=0.3 [q8]", "assisted(n=4) w=1 [q8]",
-                                        "bild(0.5, 0, 10) [q8]", "bild(0.5, inf, 10) [q8]"]  # fmt: skip
+                                        "bild(0.5, 0, 20) [q8]", "bild(0.5, inf, 20) [q8]"]  # fmt: skip
     for label, found in results["methods"].items():
         for metric in ("bleu", "chrf"):
             interval = found["intervals"][metric]

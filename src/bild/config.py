@@ -18,7 +18,7 @@ from .schedule import AUTO, AUTO_MAX_CANDIDATES, DraftCosts
 BILD_MODE = "bild"
 DEFAULT_FALLBACK_THRESHOLD = 0.6
 DEFAULT_ROLLBACK_THRESHOLD = 2.0
-DEFAULT_MAX_DRAFT_TOKENS = 10
+DEFAULT_MAX_DRAFT_TOKENS = 20  # measured against 10, 'auto' and context drafts: docs/measured.md, "Which defaults"
 DEFAULT_VERIFY_FALLBACK_TOKEN = False
 DEFAULT_FALLBACK_CANDIDATES = AUTO  # measured: docs/measured.md, "Which candidates to check"
 BILD_FIELDS = (
@@ -201,7 +201,7 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
     Args:
         fallback_threshold: alpha_FB in [0, 1] (default 0.6).
         rollback_threshold: alpha_RB >= 0, ``inf`` allowed (default 2.0).
-        max_draft_tokens: N >= 1, the most small-model steps before the large model is called (default 10),
+        max_draft_tokens: N >= 1, the most small-model steps before the large model is called (default 20),
             or ``"auto"`` (a cost-aware cap each round).
         verify_fallback_token: let the large model check the small model's unsure token on a fallback.
         draft_costs: for ``"auto"`` (either setting): a JSON file or dict of `bild.DraftCosts` (None: the pair's,
