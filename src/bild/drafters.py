@@ -315,8 +315,7 @@ def hear_source(head: PrunedHead, encoder: nn.Module, args: tuple, kwargs: dict)
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
         head.source = None
         return
-    source = torch.zeros(head.out_features + 1, dtype=torch.bool, device=token_ids.device)
-    head.source = source.index_fill_(0, token_ids.flatten().clamp(0, head.out_features), True)[:-1]  # [V]
+    head.source = head._holds(token_ids, torch.ones_like(token_ids, dtype=torch.bool)).any(0)  # [V]
 
 
 def reading_text(model: nn.Module, token_ids: torch.Tensor, lengths: torch.Tensor):
