@@ -283,7 +283,7 @@ def test_shipped_configs_are_valid():
         # main job and the variant, default and drafter studies large, stock assisted and BiLD
         if path.stem.endswith(("-aligned", "-exit")):
             assert names == {"large", "bild"}, path
-        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter"):
+        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled"):
             assert names == {"large", "assisted", "bild"}, path
         else:
             assert names == {"large", "small", "assisted", "bild"}, path
@@ -311,7 +311,7 @@ def test_pareto_front():
 
 def test_named_drafters_run_next_to_the_small_model(tiny_pair, data_file, tmp_path):
     """A compressed copy of the small model and an early exit of the large one, each given to assisted and BiLD."""
-    drafters = {"q8": {"quantization": "int8"}, "exit1": {"early_exit": 1}}
+    drafters = {"q8": {"quantization": "int8", "lean": False}, "exit1": {"early_exit": 1}}
     methods = ["large", {"name": "small", "drafter": "q8"}, {"name": "assisted", "num_assistant_tokens": 4, "drafter": "q8"},
                {"name": "bild", "rollback_threshold": 0.0, "drafter": "q8"},
                {"name": "bild", "rollback_threshold": 0.0, "max_draft_tokens": "auto", "drafter": "exit1"}]  # fmt: skip
@@ -338,7 +338,12 @@ def test_drafters_must_be_defined_and_valid():
         parse_config({**BASE, "drafters": {"q": {"quantization": "int4", "group_size": 0}}})
     with pytest.raises(ValueError, match="vocab_size"):
         parse_config({**BASE, "drafters": {"q": {"quantization": "int4", "vocab_size": "all"}}})
-    ok = {"a": {"quantization": "int4", "vocab_size": "auto", "group_size": 128}, "b": {"quantization": "int4", "vocab_size": None}}
+    with pytest.raises(ValueError, match="`compile` must be true or false"):
+        parse_config({**BASE, "drafters": {"q": {"quantization": "int4", "compile": "yes"}}})
+    with pytest.raises(ValueError, match="drop `lean: false`"):
+        parse_config({**BASE, "drafters": {"q": {"compile": True, "lean": False}}})
+    ok = {"a": {"quantization": "int4", "vocab_size": "auto", "group_size": 128}, "b": {"quantization": "int4", "vocab_size": None},
+          "c": {"quantization": "int4", "compile": True}, "d": {"lean": False}}  # fmt: skip
     assert parse_config({**BASE, "drafters": ok}).drafters == ok
 
 

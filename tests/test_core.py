@@ -30,11 +30,13 @@ def bild_generate(large, ids, mask=None, **kwargs):
 
 
 class ForwardCounter:
-    """Counts real forward calls of a model."""
+    """Counts real forward calls of a model: calls of its output layer where it has one, which its own forward and
+    bild's lean forward (`bild.lean`, which skips the model's forward) both make once per call."""
 
     def __init__(self, model):
         self.calls = 0
-        self.handle = model.register_forward_hook(self.hook)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.handle = (head or model).register_forward_hook(self.hook)
 
     def hook(self, *_):
         self.calls += 1

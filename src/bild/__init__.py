@@ -8,6 +8,7 @@ from .drafters import compress_drafter
 from .early_exit import EarlyExitDrafter, early_exit, train_exit
 from .integration import BildGenerateOutput, BildGenerationMixin, attach, detach
 from .kernels import fit_kernels
+from .lean import compile_drafter
 from .schedule import DraftCosts
 from .stats import BildStats, collect_stats
 
@@ -27,6 +28,7 @@ __all__ = [
     "attach",
     "calibrate",
     "collect_stats",
+    "compile_drafter",
     "compress_drafter",
     "detach",
     "early_exit",

@@ -438,3 +438,37 @@ def output_with_cache(output_class: type, cache: Cache | None, **fields):
     """``output_class(**fields)`` with the cache under the field name this transformers version uses."""
     name = "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
     return output_class(**fields, **{name: cache})
+
+
+# --- Lean drafter forward (bild.lean) ----------------------------------------------------------------------
+# What `bild.lean` relies on beyond the public API, for Llama-family decoders (tests/test_lean.py checks the logits
+# equal the model's own forward): ``model.model`` holds ``embed_tokens``, ``rotary_emb`` (called as
+# ``rotary_emb(hidden, position_ids) -> (cos, sin)``), ``layers`` and ``norm``; each layer ``input_layernorm``,
+# ``self_attn`` (``q/k/v/o_proj``, ``head_dim``, ``scaling``, Qwen3's ``q_norm``/``k_norm`` on the head dim),
+# ``post_attention_layernorm`` and ``mlp`` (``gate/up/down_proj``, ``act_fn``); the attention is softmax(q k^T *
+# scaling) v over the rotated queries and keys (rotate_half convention), as transformers' sdpa path computes it. A
+# `DynamicCache` keeps each layer's keys / values in ``cache.layers[i]`` (see `gather_cache_slots`), created on the
+# first ``update`` of that layer.
+
+
+def cache_past(cache: Cache, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """Each layer's cached ``(keys, values)`` `(batch_size, heads, S, head_dim)` (None: nothing cached yet), or None
+    when ``cache`` is not a plain dynamic cache of full attention layers."""
+    if type(cache) is not DynamicCache or len(cache.layers) > n_layers:
+        return None
+    past = []
+    for i in range(n_layers):
+        layer = cache.layers[i] if i < len(cache.layers) else None
+        if layer is not None and type(layer) is not DynamicLayer:
+            return None
+        is_empty = layer is None or not layer.is_initialized or layer.keys.numel() == 0
+        past.append(None if is_empty else (layer.keys, layer.values))
+    return past
+
+
+def store_past(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make ``keys`` / ``values`` (the old slots, then the new ones) layer ``layer_idx``'s cache."""
+    if layer_idx < len(cache.layers) and cache.layers[layer_idx].is_initialized:
+        cache.layers[layer_idx].keys, cache.layers[layer_idx].values = keys, values
+    else:  # first write: the public update creates and fills the layer
+        cache.update(keys, values, layer_idx)

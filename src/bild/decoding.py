@@ -24,6 +24,7 @@ from .compat import (
 from .config import BildSettings
 from .context_drafts import context_draft_probs, propose_context_drafts
 from .drafters import reading_text
+from .lean import LeanForward, lean_forward
 from .policies import find_rollback, find_rollback_sampled, sample, should_fall_back
 from .schedule import AUTO, CandidateRule, DraftCosts, DraftSchedule
 from .state import STATELESS_CRITERIA, BatchState, DecoderInputs, Drafts, Sampling, TokenRules
@@ -36,9 +37,11 @@ class Decoder:
     """One model as the loop sees it: its cache, its encoder output, and a forward over unseen tokens."""
 
     def __init__(
-        self, model: PreTrainedModel, cache: TrackedCache, vocab_size: int, encoder_kwargs: dict | None = None
-    ):
+        self, model: PreTrainedModel, cache: TrackedCache, vocab_size: int, encoder_kwargs: dict | None = None,
+        lean: LeanForward | None = None,
+    ):  # fmt: skip
         self.model = model
+        self.lean = lean  # the model's forward without transformers' machinery (drafters of the Llama family)
         self.cache = cache
         self.vocab_size = vocab_size
         self.encoder_kwargs = encoder_kwargs or {}
@@ -104,7 +107,11 @@ class Decoder:
         cache.record_from(index, is_fed, state.round_start)
         placing = self._placing_siblings(n_tree, n_feed, chunk_len, positions)
         with placing, reading_text(self.model, state.token_ids, state.lengths):  # a pruned drafter head reads its rows
-            logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
+            logits = None
+            if self.lean is not None and not n_tree:
+                logits = self.lean(self.model, input_ids, mask, positions.clamp(min=0), cache.kv, kwargs.get("logits_to_keep"))
+            if logits is None:
+                logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
         cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
         if n_tree:
             self.sibling_logits = logits[:, -n_tree:].float()
@@ -864,7 +871,7 @@ def build_decoders(large_model, small_model, inputs: DecoderInputs, vocab_size: 
     device = inputs.input_ids.device
     caches = BildCache(TrackedCache(large_model, batch_size, device), TrackedCache(small_model, batch_size, device))
     large = Decoder(large_model, caches.large, vocab_size, inputs.large_encoder_kwargs)
-    small = Decoder(small_model, caches.small, vocab_size, inputs.small_encoder_kwargs)
+    small = Decoder(small_model, caches.small, vocab_size, inputs.small_encoder_kwargs, lean_forward(small_model))
     return large, small, caches
 
 

@@ -25,7 +25,7 @@ METHOD_KEYS = {
     "bild": (*BILD_FIELDS, *CONTEXT_FIELDS),  # prompt_lookup_num_tokens, max_matching_ngram_size: context drafts
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
-DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size", "group_size")  # see bench/loading.py
+DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size", "group_size", "compile", "lean")  # see bench/loading.py
 ENSEMBLE_WEIGHT = "assistant_ensemble_weight"
 ENSEMBLE_VERSION = "5.17"  # `assistant_ensemble_weight` (static ensemble verification) is there from 5.17 (checked)
 
@@ -163,7 +163,7 @@ def parse_config(raw: Any, source: str = "config") -> BenchConfig:
 
 def parse_drafters(raw: Any, source: str) -> dict:
     """``{name: {model: <folder or hub id> | early_exit: k, adapter: <folder>, quantization: int8|int4|null,
-    vocab_size: N|auto|null, group_size: G}}``, validated."""
+    vocab_size: N|auto|null, group_size: G, compile: true|false, lean: true|false}}``, validated."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: `drafters` must map names to drafter settings, got {raw!r}.")
     drafters = {}
@@ -178,6 +178,11 @@ def parse_drafters(raw: Any, source: str) -> dict:
         for key in ("vocab_size", "early_exit", "group_size"):
             if entry.get(key) is not None and not (key == "vocab_size" and entry[key] == "auto"):
                 _positive_int(source, f"drafters.{name}.{key}", entry[key])
+        for key in ("compile", "lean"):
+            if not isinstance(entry.get(key, False), bool):
+                raise ValueError(f"{source}: drafter {name!r}: `{key}` must be true or false, got {entry[key]!r}.")
+        if entry.get("compile") and entry.get("lean") is False:
+            raise ValueError(f"{source}: drafter {name!r}: `compile: true` compiles the lean forward; drop `lean: false`.")
         if entry.get("early_exit") and entry.get("model"):
             raise ValueError(f"{source}: drafter {name!r}: `early_exit` drafts with the large model's layers; drop `model`.")
         drafters[name] = dict(entry)

@@ -15,6 +15,7 @@ from bild.drafters import compress_drafter
 from bild.early_exit import early_exit
 from bild.integration import check_pair, check_tokenizers
 from bild.kernels import fit_kernels, kernel_path
+from bild.lean import compile_drafter, keep_own_forward
 
 PREPARE_HINT = "Offline, `python scripts/prepare_models.py` prepares the default pair under {models}."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
@@ -111,7 +112,8 @@ def load_drafter(pair: ModelPair, entry: dict, dtype: torch.dtype) -> torch.nn.M
     """A drafter from a config's ``drafters`` entry: ``early_exit: k`` (with an optional trained ``adapter``
     folder), or ``model`` (default: a copy of the small model) then `bild.compress_drafter` with its
     ``quantization``, ``vocab_size`` and ``group_size`` (absent: its defaults) when either of the first two is
-    given."""
+    given; ``compile: true``: its drafting steps in bild's loop compiled (`bild.compile_drafter`, compiled during the
+    bench's untimed warm-up); ``lean: false``: run by its own forward in bild's loop (`bild.lean.keep_own_forward`)."""
     if entry.get("early_exit"):
         drafter = early_exit(pair.large, entry["early_exit"], adapter=entry.get("adapter"))
     elif entry.get("model"):
@@ -125,6 +127,10 @@ def load_drafter(pair: ModelPair, entry: dict, dtype: torch.dtype) -> torch.nn.M
         if entry.get("group_size"):
             options["group_size"] = entry["group_size"]
         compress_drafter(drafter, quantization=entry.get("quantization"), **options)
+    if entry.get("compile"):
+        compile_drafter(drafter)
+    if entry.get("lean") is False:
+        keep_own_forward(drafter)
     return drafter
 
 

@@ -14,6 +14,7 @@ from bild.bench.bench_config import ENSEMBLE_VERSION, ENSEMBLE_WEIGHT, BenchConf
 from bild.bench.loading import Batch, ModelPair
 from bild.compat import supports_assistant_ensemble_weight
 from bild.early_exit import EarlyExitDrafter
+from bild.lean import lean_forward
 from bild.schedule import AUTO, DraftCosts
 from bild.stats import BildStats
 
@@ -57,25 +58,30 @@ def count_forwards(models: dict[str, torch.nn.Module]):
 @contextlib.contextmanager
 def time_forwards(models: dict[str, torch.nn.Module], clock):
     """Yield a dict of seconds spent inside each model's forward calls (``model(...)``, whoever calls it), read
-    with ``clock`` (which waits for a GPU) before and after each call. An encoder-decoder's encoder runs outside
-    its model's forward and is not counted; nor is anything around the forwards (the decoding loop itself)."""
+    with ``clock`` (which waits for a GPU) before and after each call, or each run of its lean forward in bild's
+    loop (`bild.lean`, which skips the model's forward).
+    An encoder-decoder's encoder runs outside its model's forward and is not counted; nor is anything around the
+    forwards (the decoding loop itself)."""
     seconds = dict.fromkeys(models, 0.0)
     started: dict[str, float] = {}
 
     def hooks_for(name: str):
-        def before(module, args, kwargs):
+        def start(*_):
             started[name] = clock()
 
-        def after(module, args, kwargs, output):
+        def stop(*_):
             seconds[name] += clock() - started.pop(name)
 
-        return before, after
+        return start, stop
 
     handles = []
     for name, model in models.items():
-        before, after = hooks_for(name)
-        handles.append(model.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(model.register_forward_hook(after, with_kwargs=True))
+        start, stop = hooks_for(name)
+        handles.append(model.register_forward_pre_hook(start, with_kwargs=True))
+        handles.append(model.register_forward_hook(stop, with_kwargs=True))
+        lean = lean_forward(model)
+        if lean is not None:
+            handles.append(lean.register_hooks(start, stop))
     try:
         yield seconds
     finally:

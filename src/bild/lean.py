@@ -1,0 +1,209 @@
+"""The drafter's forward without transformers' per-module machinery, and a compiled one-token step.
+
+On a few CPU cores a compressed drafter's step is bound by overhead, not by its weights: of 43 ms per step of the
+int4 Qwen2.5-Coder-0.5B (bf16, AMX Xeon, 2 cores), its matmuls take 22 ms; the rest is about a thousand small
+tensor operations and the Python around them (mask building, attention dispatch, output records, hooks). For the
+Llama family (Llama, Qwen2, Qwen3, Mistral without a sliding window) `LeanForward` writes the decoder out
+(embedding, RMSNorm, rotary attention over the KV cache, SwiGLU), calling the model's own modules (quantized or
+kernel-fitted linear layers, norms, the rotary embedding, the pruned output layer) and its own `DynamicCache`, so
+its logits are the model's (tests/test_lean.py), at about 37 ms per step. `compile_drafter` further compiles the
+one-token step with `torch.compile` (dynamic shapes: one graph for a batch of one, one for larger batches, whatever
+the cache length), at about 28 ms: its first step costs a compile, 35-40 s on 2 cores, and a few seconds in later
+processes, which find the compiled kernels in torch's on-disk cache.
+
+bild's loop uses the lean forward for the small model wherever it applies (`lean_obstacle` says why not elsewhere),
+except for a verification with sibling candidates (a tree mask), which runs the model's own forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedModel
+
+from .compat import cache_past, store_past
+
+LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# each model's LeanForward, kept across generate() calls (its compiled step too), not in the model (not deep-copied)
+_LEAN_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OWN_FORWARD: weakref.WeakSet = weakref.WeakSet()  # models that `keep_own_forward` keeps off the lean path
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def lean_obstacle(model: nn.Module) -> str | None:
+    """Why `LeanForward` cannot run ``model`` (None: it can)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model, PreTrainedModel) or model_type not in LEAN_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {LEAN_MODEL_TYPES}"
+    if config.is_encoder_decoder:
+        return "an encoder-decoder model"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "a sliding attention window"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "layers other than full attention"
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        return "not a Llama-family module layout"
+    for layer in inner.layers:
+        if not (
+            all(hasattr(layer, name) for name in _LAYER_PARTS)
+            and all(hasattr(layer.self_attn, name) for name in _ATTENTION_PARTS)
+            and all(hasattr(layer.mlp, name) for name in _MLP_PARTS)
+        ):
+            return "not a Llama-family layer layout"
+    return None
+
+
+def lean_forward(model: nn.Module) -> LeanForward | None:
+    """``model``'s `LeanForward` (made once and kept on the model), or None where it does not apply."""
+    if model in _OWN_FORWARD:
+        return None
+    lean = _LEAN_FORWARDS.get(model)
+    if lean is None and lean_obstacle(model) is None:
+        lean = _LEAN_FORWARDS[model] = LeanForward(len(model.model.layers))
+    return lean
+
+
+def keep_own_forward(model: nn.Module) -> nn.Module:
+    """Run ``model`` in bild's loop by its own forward, not the lean one (to compare the two, or to rule the lean one
+    out when a model misbehaves). Returns ``model``."""
+    if model in _LEAN_FORWARDS and _LEAN_FORWARDS[model].compiled_step is not None:
+        raise ValueError("This drafter's step was compiled (bild.compile_drafter), which needs the lean forward.")
+    _OWN_FORWARD.add(model)
+    return model
+
+
+def compile_drafter(model: PreTrainedModel, backend="inductor") -> PreTrainedModel:
+    """Run ``model``'s one-token drafting steps in bild's loop compiled by ``torch.compile(backend=backend)``.
+
+    For a Llama-family drafter (see `lean_obstacle`), typically after `bild.compress_drafter`. The first step
+    compiles (35-40 s for the int4 Qwen2.5-Coder-0.5B on 2 CPU cores; seconds in a later process, from torch's
+    compile cache); each later step skips most of the eager forward's overhead (43 ms -> 28 ms there). The model's
+    own forward (its generate(), stock assisted generation) is not changed. Returns ``model``.
+    """
+    reason = "bild.lean.keep_own_forward was called on it" if model in _OWN_FORWARD else lean_obstacle(model)
+    if reason is not None:
+        raise ValueError(f"bild.compile_drafter cannot compile this drafter's step ({reason}); use it uncompiled.")
+    lean_forward(model).compile(backend)
+    return model
+
+
+class LeanForward:
+    """A Llama-family decoder's forward over a chunk of tokens, on the model's own modules and `DynamicCache`."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.compiled_step = None  # torch.compile'd `decoder_step` for one-token chunks, after `compile`
+        self.n_compiled_steps = 0
+        self._hooks: OrderedDict[int, tuple] = OrderedDict()  # (before, after) callables around each forward run (`register_hooks`)
+
+    def register_hooks(self, before, after) -> RemovableHandle:
+        """Call ``before()`` and ``after()`` around each forward this runs (a model's forward hooks do not see it,
+        and hooks on modules inside a compiled step are not called); ``handle.remove()`` removes them."""
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = (before, after)
+        return handle
+
+    def compile(self, backend="inductor") -> None:
+        self.compiled_step = torch.compile(decoder_step, dynamic=True, backend=backend)
+
+    def __call__(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, visible: torch.Tensor | None, position_ids: torch.Tensor, cache,
+        logits_to_keep: int | None = None,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Logits `(batch_size, logits_to_keep or L, V)` of the chunk ``input_ids`` `(batch_size, L)`, its keys and
+        values appended to ``cache``; None (nothing run) when ``cache`` is not a plain dynamic cache.
+
+        ``visible`` `(batch_size, S + L)`: which cached slots and chunk tokens each row may see (None: all); each
+        token sees, besides, the chunk tokens up to itself. ``position_ids`` `(batch_size, L)`.
+        """
+        past = cache_past(cache, self.n_layers)
+        if past is None:
+            return None
+        for before, _ in list(self._hooks.values()):
+            before()
+        inner = model.model
+        if self.compiled_step is not None and input_ids.shape[1] == 1 and all(p is not None for p in past):
+            if visible is None:  # one graph per batch size: the mask is always given
+                visible = torch.ones(input_ids.shape[0], past[0][0].shape[2] + 1, dtype=torch.bool,
+                                     device=input_ids.device)  # fmt: skip
+            past = [(keys.contiguous(), values.contiguous()) for keys, values in past]  # a cropped cache is a view
+            hidden, keys, values = self.compiled_step(inner, input_ids, position_ids, visible.bool(), past)
+            self.n_compiled_steps += 1
+        else:
+            hidden, keys, values = decoder_step(inner, input_ids, position_ids, visible, past)
+        for i in range(self.n_layers):
+            store_past(cache, i, keys[i], values[i])
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = model.lm_head(hidden)
+        for _, after in list(self._hooks.values()):
+            after()
+        return logits
+
+
+def decoder_step(
+    inner: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor | None,
+    past: list[tuple[torch.Tensor, torch.Tensor] | None],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """The decoder ``inner`` (``model.model``) over a chunk: the final-normed hidden states `(batch_size, L, D)` and
+    every layer's keys and values, the cached ``past`` ones followed by the chunk's."""
+    hidden = inner.embed_tokens(input_ids)  # [B, L, D]
+    cos, sin = inner.rotary_emb(hidden, position_ids)  # [B, L, head_dim]
+    cos, sin = cos[:, None], sin[:, None]
+    n_past = 0 if past[0] is None else past[0][0].shape[2]
+    mask = attention_mask(visible, n_past, input_ids.shape[1])
+    keys, values = [], []
+    for layer, layer_past in zip(inner.layers, past, strict=True):
+        attn = layer.self_attn
+        batch_size, length = hidden.shape[:2]
+        heads = (batch_size, length, -1, attn.head_dim)
+        x = layer.input_layernorm(hidden)
+        query, key = attn.q_proj(x).view(heads), attn.k_proj(x).view(heads)
+        if hasattr(attn, "q_norm"):  # Qwen3: an RMSNorm over each head
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, H, L, head_dim]
+        value = attn.v_proj(x).view(heads).transpose(1, 2)
+        query = query * cos + rotate_half(query) * sin
+        key = key * cos + rotate_half(key) * sin
+        if layer_past is not None:
+            key, value = torch.cat([layer_past[0], key], dim=2), torch.cat([layer_past[1], value], dim=2)
+        keys.append(key)
+        values.append(value)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=mask is None and length > 1, scale=attn.scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )  # fmt: skip
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
+        mlp = layer.mlp
+        x = layer.post_attention_layernorm(hidden)
+        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    return inner.norm(hidden), keys, values
+
+
+def attention_mask(visible: torch.Tensor | None, n_past: int, length: int) -> torch.Tensor | None:
+    """`(batch_size or 1, 1, L, S + L)` bool: chunk token ``i`` sees the ``visible`` slots up to itself, and always
+    itself (a padding token would see nothing: its output is never used). None: plain causal attention."""
+    if visible is None and (length == 1 or n_past == 0):
+        return None
+    n_keys = n_past + length
+    device = visible.device if visible is not None else None
+    columns = torch.arange(n_keys, device=device)
+    rows = n_past + torch.arange(length, device=device)
+    allowed = columns[None, :] <= rows[:, None]  # [L, S + L]
+    if visible is not None:
+        allowed = (allowed[None] & visible.bool()[:, None, :]) | (columns[None, None, :] == rows[None, :, None])
+    return allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,144 @@
+"""`bild.lean`: the drafter's forward written out for the Llama family, and its compiled one-token step.
+
+The lean forward must give the model's own logits and cache (float32, every model type it takes, padded batches,
+chunks after a cache, slots a row skips); in bild's loop it must change nothing but the time; the compiled step
+must compile once per batch shape (one for a batch of one, one for larger ones) whatever the cache length.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import EOS, PAD, left_pad, prompts
+from transformers import (
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import bild
+from bild.compat import cache_kwarg
+from bild.lean import LeanForward, keep_own_forward, lean_forward, lean_obstacle
+
+VOCAB = 48
+SIZES = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=EOS,
+)  # fmt: skip
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+}
+
+
+def family(name: str, seed: int = 0, attn: str = "sdpa", **overrides):
+    config_class, model_class, extra = FAMILIES[name]
+    torch.manual_seed(seed)
+    config = config_class(**SIZES, **{**extra, **overrides}, attn_implementation=attn)
+    return model_class(config).eval()
+
+
+def model_forward(model, ids, visible, positions, cache, keep=None):
+    return model(input_ids=ids, attention_mask=visible, position_ids=positions, use_cache=True,
+                 logits_to_keep=keep or 0, **{cache_kwarg(model): cache}).logits  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lean_logits_and_cache_equal_the_models_own(name):
+    """A padded prefill, a chunk after it, one-token steps, and a slot one row skips: logits of every real token and
+    the cache equal the model's own forward's (float32)."""
+    model = family(name)
+    lean = LeanForward(len(model.model.layers))
+    ids, mask = left_pad(prompts(3))  # [3, T], left padding
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ours, theirs = DynamicCache(), DynamicCache()
+    with torch.no_grad():
+        chunks = [(ids, mask.bool(), positions)]
+        step_mask = torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], dim=1)
+        chunks.append((torch.tensor([[5, 6], [7, 8], [9, 10]]), step_mask.bool(), positions[:, -1:] + torch.tensor([1, 2])))
+        skip = torch.cat([step_mask, torch.tensor([[1], [0], [1]])], dim=1)  # row 1 sits this token out
+        chunks.append((torch.tensor([[11], [0], [12]]), skip.bool(), positions[:, -1:] + 3))
+        for ids_, visible, pos in chunks:
+            got = lean(model, ids_, visible, pos, ours)
+            want = model_forward(model, ids_, visible.long(), pos, theirs)
+            real = visible[:, -ids_.shape[1]:]  # the tokens fed (padding and skipped slots give unused outputs)
+            torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+        used = skip.bool()  # [B, S] slots holding a token (a padding's or skipped slot holds garbage)
+        for a, b in zip(ours.layers, theirs.layers, strict=True):
+            torch.testing.assert_close(a.keys.transpose(1, 2)[used], b.keys.transpose(1, 2)[used])
+            torch.testing.assert_close(a.values.transpose(1, 2)[used], b.values.transpose(1, 2)[used])
+        got = lean(model, torch.tensor([[13], [14], [15]]), None, positions[:, -1:] + 4, ours, logits_to_keep=1)
+        assert got.shape == (3, 1, VOCAB)
+
+
+def test_obstacles():
+    assert lean_obstacle(family("qwen2")) is None
+    assert "sliding" in lean_obstacle(family("mistral", sliding_window=16))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
+    assert "gpt2" in lean_obstacle(gpt2)
+    assert lean_forward(gpt2) is None
+    with pytest.raises(ValueError, match="cannot compile"):
+        bild.compile_drafter(gpt2)
+
+
+def run_bild(pair, batch, **kwargs):
+    large, small = pair
+    ids, mask = left_pad(prompts(batch, seed=4))
+    bild.attach(large, small)
+    try:
+        out = large.generate(ids, attention_mask=mask, generation_mode="bild", max_new_tokens=24, pad_token_id=PAD,
+                             return_dict_in_generate=True, **kwargs)  # fmt: skip
+    finally:
+        bild.detach(large)
+    return out.sequences, out.bild_stats
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_loop_with_and_without_the_lean_forward(causal_pair, batch):
+    """A lossy run (drafts decide the output) is the same token for token, with the same counts, whether the drafter
+    runs lean or through its own forward: the lean forward changes nothing but the time."""
+    large, small = causal_pair
+    own = keep_own_forward(copy.deepcopy(small))
+    assert lean_forward(own) is None and lean_forward(small) is not None
+    settings = dict(fallback_threshold=0.5, rollback_threshold=1.0, max_draft_tokens=6, fallback_candidates=0)
+    lean_sequences, lean_stats = run_bild((large, small), batch, **settings)
+    sequences, stats = run_bild((large, own), batch, **settings)
+    torch.testing.assert_close(lean_sequences, sequences)
+    assert lean_stats == stats
+    assert sum(stats.small_forwards) > 10 and sum(stats.rollbacks) > 0  # the drafter really drafted, and erred
+
+
+def test_compiled_step_compiles_once_per_batch_shape(causal_pair):
+    """With a counting backend: one graph for batches of one through a whole run (cache growing, cropped after each
+    rollback, several calls), one more for a batch of three; outputs equal the uncompiled drafter's (lossless: the
+    large model's own)."""
+    large, small = causal_pair
+    drafter = copy.deepcopy(small)
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    bild.compile_drafter(drafter, backend=counting)
+    for batch in (1, 1, 3, 3):
+        compiled, compiled_stats = run_bild((large, drafter), batch, rollback_threshold=0.0)
+        plain, _ = run_bild((large, small), batch, rollback_threshold=0.0)
+        torch.testing.assert_close(compiled, plain)
+        assert sum(compiled_stats.rollbacks) > 0
+        assert len(graphs) == (1 if batch == 1 else 2)
+    assert lean_forward(drafter).n_compiled_steps > 20
+    with pytest.raises(ValueError, match="needs the lean forward"):
+        keep_own_forward(drafter)
