@@ -93,6 +93,12 @@ def test_obstacles():
         bild.compile_drafter(gpt2)
 
 
+def test_compiling_without_a_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ValueError, match="install g\\+\\+"):
+        bild.compile_drafter(family("qwen2"))
+
+
 def run_bild(pair, batch, **kwargs):
     large, small = pair
     ids, mask = left_pad(prompts(batch, seed=4))

@@ -37,6 +37,7 @@ tested in tests/test_compat.py:
   forward, the state before it and after each of its last ``n - 1`` tokens to ``recurrent_states_history[i]``;
   ``crop(-k)`` restores ``history[-k]`` and forgets the record. bild sets ``recurrent_states_to_keep`` per forward,
   and rolls back within a round itself from those attributes (keeping the record; see `_roll_back_recorded`).
+- The lean drafter forward (`cache_past`, `store_past`): see the block at the end.
 - The ``custom_generate=<callable>`` route of generate() itself (used in integration.py) is public API.
 """
 

@@ -8,8 +8,8 @@ Llama family (Llama, Qwen2, Qwen3, Mistral without a sliding window) `LeanForwar
 kernel-fitted linear layers, norms, the rotary embedding, the pruned output layer) and its own `DynamicCache`, so
 its logits are the model's (tests/test_lean.py), at about 37 ms per step. `compile_drafter` further compiles the
 one-token step with `torch.compile` (dynamic shapes: one graph for a batch of one, one for larger batches, whatever
-the cache length), at about 28 ms: its first step costs a compile, 35-40 s on 2 cores, and a few seconds in later
-processes, which find the compiled kernels in torch's on-disk cache.
+the cache length), at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and about 20 s in a later
+process, which finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The drafter's step").
 
 bild's loop uses the lean forward for the small model wherever it applies (`lean_obstacle` says why not elsewhere),
 except for a verification with sibling candidates (a tree mask), which runs the model's own forward.
@@ -17,6 +17,7 @@ except for a verification with sibling candidates (a tree mask), which runs the 
 
 from __future__ import annotations
 
+import shutil
 import weakref
 from collections import OrderedDict
 
@@ -45,6 +46,8 @@ def lean_obstacle(model: nn.Module) -> str | None:
         return f"model type {model_type!r} is not one of {LEAN_MODEL_TYPES}"
     if config.is_encoder_decoder:
         return "an encoder-decoder model"
+    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+        return "spread over devices (device_map): its forward's hooks move the tensors"
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return "a sliding attention window"
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
@@ -85,13 +88,18 @@ def compile_drafter(model: PreTrainedModel, backend="inductor") -> PreTrainedMod
     """Run ``model``'s one-token drafting steps in bild's loop compiled by ``torch.compile(backend=backend)``.
 
     For a Llama-family drafter (see `lean_obstacle`), typically after `bild.compress_drafter`. The first step
-    compiles (35-40 s for the int4 Qwen2.5-Coder-0.5B on 2 CPU cores; seconds in a later process, from torch's
-    compile cache); each later step skips most of the eager forward's overhead (43 ms -> 28 ms there). The model's
-    own forward (its generate(), stock assisted generation) is not changed. Returns ``model``.
+    compiles (about 55 s for the int4 Qwen2.5-Coder-0.5B on 2 CPU cores, about 20 s in a later process, from
+    torch's compile cache); each later step skips most of the eager forward's overhead (there 43 ms by the model's
+    forward, 37 ms lean, 27 ms compiled). The model's own forward (its generate(), stock assisted generation) is
+    not changed. Every compiled drafter's graphs share one function's compile cache, which torch caps at its
+    recompile limit (8 graphs: four drafters, each at one and at several rows). Returns ``model``.
     """
     reason = "bild.lean.keep_own_forward was called on it" if model in _OWN_FORWARD else lean_obstacle(model)
     if reason is not None:
         raise ValueError(f"bild.compile_drafter cannot compile this drafter's step ({reason}); use it uncompiled.")
+    if backend == "inductor" and model.device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        raise ValueError("bild.compile_drafter: torch.compile needs a C++ compiler on CPU and none was found "
+                         "(install g++, e.g. `apt install g++`), or use the drafter uncompiled.")  # fmt: skip
     lean_forward(model).compile(backend)
     return model
 
@@ -103,11 +111,11 @@ class LeanForward:
         self.n_layers = n_layers
         self.compiled_step = None  # torch.compile'd `decoder_step` for one-token chunks, after `compile`
         self.n_compiled_steps = 0
-        self._hooks: OrderedDict[int, tuple] = OrderedDict()  # (before, after) callables around each forward run (`register_hooks`)
+        self._hooks: OrderedDict[int, tuple] = OrderedDict()  # (before, after) around each run: `register_hooks`
 
     def register_hooks(self, before, after) -> RemovableHandle:
-        """Call ``before()`` and ``after()`` around each forward this runs (a model's forward hooks do not see it,
-        and hooks on modules inside a compiled step are not called); ``handle.remove()`` removes them."""
+        """Call ``before()`` and ``after()`` around each forward this runs (the model's own forward hooks do not
+        see it); ``handle.remove()`` removes them."""
         handle = RemovableHandle(self._hooks)
         self._hooks[handle.id] = (before, after)
         return handle
@@ -116,8 +124,8 @@ class LeanForward:
         self.compiled_step = torch.compile(decoder_step, dynamic=True, backend=backend)
 
     def __call__(
-        self, model: PreTrainedModel, input_ids: torch.Tensor, visible: torch.Tensor | None, position_ids: torch.Tensor, cache,
-        logits_to_keep: int | None = None,
+        self, model: PreTrainedModel, input_ids: torch.Tensor, visible: torch.Tensor | None,
+        position_ids: torch.Tensor, cache, logits_to_keep: int | None = None,
     ) -> torch.Tensor | None:  # fmt: skip
         """Logits `(batch_size, logits_to_keep or L, V)` of the chunk ``input_ids`` `(batch_size, L)`, its keys and
         values appended to ``cache``; None (nothing run) when ``cache`` is not a plain dynamic cache.
