@@ -108,8 +108,9 @@ class Decoder:
         placing = self._placing_siblings(n_tree, n_feed, chunk_len, positions)
         with placing, reading_text(self.model, state.token_ids, state.lengths):  # a pruned drafter head reads its rows
             logits = None
-            if self.lean is not None and not n_tree:
-                logits = self.lean(self.model, input_ids, mask, positions.clamp(min=0), cache.kv, kwargs.get("logits_to_keep"))
+            if self.lean is not None and not n_tree:  # None where its cache is not a plain dynamic one
+                keep = kwargs.get("logits_to_keep")
+                logits = self.lean(self.model, input_ids, mask, positions.clamp(min=0), cache.kv, keep)
             if logits is None:
                 logits = self.model(**kwargs).logits  # [B, L + S or n_keep + S, V_model]
         cache.append(slot_index, torch.where(is_advancing, state.lengths, start))
