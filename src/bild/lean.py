@@ -66,7 +66,8 @@ def lean_obstacle(model: nn.Module) -> str | None:
 
 
 def lean_forward(model: nn.Module) -> LeanForward | None:
-    """``model``'s `LeanForward` (made once and kept on the model), or None where it does not apply."""
+    """``model``'s `LeanForward` (made once, kept beside the model in a weak registry while it lives), or None where
+    it does not apply."""
     if model in _OWN_FORWARD:
         return None
     lean = _LEAN_FORWARDS.get(model)
