@@ -283,7 +283,7 @@ def test_shipped_configs_are_valid():
         # main job and the variant, default and drafter studies large, stock assisted and BiLD
         if path.stem.endswith(("-aligned", "-exit")):
             assert names == {"large", "bild"}, path
-        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled"):
+        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled", "context"):
             assert names == {"large", "assisted", "bild"}, path
         else:
             assert names == {"large", "small", "assisted", "bild"}, path

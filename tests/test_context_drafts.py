@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CHAIN, EOS, PAD, VOCAB, left_pad, sample_chain
-from test_core import ForwardCounter, bild_generate, strip
+from test_core import bild_generate, strip
 from test_sampling import P_VALUE, SAMPLING, chi_square_p_value, large_joint_distribution
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -18,7 +18,7 @@ from bild import decoding
 from bild.bench.bench_config import parse_config
 from bild.config import BildSettings
 from bild.context_drafts import propose_context_drafts
-from bild.state import BatchState, TokenRules
+from bild.state import BatchState, DecoderInputs, Sampling, TokenRules
 
 LOOKUP = dict(prompt_lookup_num_tokens=4, max_matching_ngram_size=2)
 
@@ -135,31 +135,6 @@ def test_batch_equals_rows_alone_with_lookup(pair):
     assert totals(batch)["rollbacks"] > 0
 
 
-def test_context_drafts_cost_no_small_forward_and_save_large_forwards(pair):
-    """fallback_threshold=1.0: the small model falls back at its first step every round, so every draft kept
-    is a context draft, and it took no small forward; each kept draft saves a large forward."""
-    large, small = pair
-    cycle = chain_cycle()
-    ids = torch.tensor([cycle * 2])
-    settings = dict(fallback_threshold=1.0, rollback_threshold=0.0, max_new_tokens=20, fallback_candidates=0)
-    with ForwardCounter(small) as small_calls, ForwardCounter(large) as large_calls:
-        out = bild_generate(large, ids, **settings, **LOOKUP)
-    with ForwardCounter(large) as large_alone:
-        plain = bild_generate(large, ids, **settings)
-    assert out.sequences.tolist() == plain.sequences.tolist()
-    stats = out.bild_stats
-    assert stats.generated == [20] and stats.context_accepted[0] >= 10
-    assert stats.drafted == stats.context_drafted and stats.accepted == stats.context_accepted
-    # one small forward a round at most (it reads the context drafts and makes its one, unsure, step), none in a
-    # round whose context drafts reach the length limit
-    assert small_calls.calls == stats.small_forwards[0] <= stats.large_forwards[0] == large_calls.calls
-    # one large forward per token it did not get for free (+1: a last round whose drafts reach the length limit
-    # leaves its large token no room)
-    assert 20 - stats.accepted[0] <= large_calls.calls <= 21 - stats.accepted[0]
-    assert plain.bild_stats.large_forwards == [20] == [large_alone.calls]
-    assert large_calls.calls <= large_alone.calls / 2
-
-
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_auto_proposes_context_drafts_only_where_checking_them_pays(pair, batch_size):
     """max_draft_tokens="auto", greedy: a context draft the small model keeps saves it a step, and reading n of
@@ -177,6 +152,62 @@ def test_auto_proposes_context_drafts_only_where_checking_them_pays(pair, batch_
                                    draft_costs=costs, **LOOKUP)  # fmt: skip
         assert runs[name].sequences.tolist() == expected.tolist()
     assert totals(runs["free"])["context_accepted"] > 0 and totals(runs["steep"])["context_drafted"] == 0
+
+
+def test_a_row_keeps_copied_tokens_only_where_it_is_sure_of_them(pair):
+    """Greedy: the small model keeps a copied token only where it would have drafted it itself, sure of it. At the
+    first one it agrees with but doubts, the round ends as it would have without context drafts: that step,
+    already made by the checking forward, falls back and puts its candidates there for the large model."""
+    large, small = pair
+    cycle = chain_cycle()
+    ids = torch.tensor([cycle * 2])
+    n_lookup = len(cycle)  # the lookup proposes the cycle once more; the small model's chain leaves it somewhere
+    with torch.no_grad():
+        probs = small(torch.tensor([cycle * 4])).logits[0, ids.shape[1] - 1 :].softmax(dim=-1)  # [T, V]
+    agrees = probs[:n_lookup].argmax(dim=-1) == torch.tensor(cycle)
+    n_agreed = int(agrees.int().argmin()) if not bool(agrees.all()) else n_lookup
+    confidence = probs[: n_agreed + 1].max(dim=-1).values  # its own step after them too, from the same forward
+    doubted = int(confidence[:n_agreed].argmin())
+    assert n_agreed > 0 and confidence[doubted] < confidence[n_agreed]  # the case this test is about
+
+    def first_round(fallback_threshold):
+        state = BatchState.from_prompts(ids, None, ids.shape[1] + 20, PAD)
+        rules = TokenRules(LogitsProcessorList(), StoppingCriteriaList(), state.token_ids.shape[1] + 20, PAD,
+                           torch.tensor([EOS]), VOCAB)  # fmt: skip
+        settings = BildSettings(fallback_threshold=fallback_threshold, prompt_lookup_num_tokens=n_lookup,
+                                fallback_candidates=1)  # fmt: skip
+        _, small_decoder, _ = decoding.build_decoders(large, small, DecoderInputs(ids), VOCAB, 1)
+        drafts = decoding.draft(small_decoder, state, rules, Sampling(), settings, cap=10)
+        return drafts, state.token_ids[0, ids.shape[1] : int(state.lengths[0])].tolist()
+
+    threshold = float(confidence[doubted] + confidence[confidence > confidence[doubted]].min()) / 2
+    kept = int((confidence[:n_agreed] < threshold).int().argmax())  # copied tokens before the first doubted one
+    drafts, written = first_round(threshold)
+    assert drafts.n_context.tolist() == [kept] and drafts.n_drafted.tolist() == [kept]
+    assert drafts.fell_back.tolist() == [True] and drafts.has_candidate.tolist() == [True]
+    assert written == cycle[: kept + 1] and drafts.n_steps.tolist() == [1]  # the doubted token is the candidate
+    drafts, _ = first_round(float(confidence.min()) / 2)  # sure of all: it drafts on from the same forward
+    assert drafts.n_context.tolist() == [n_agreed] and int(drafts.n_drafted) > n_agreed
+
+
+@pytest.mark.parametrize("fallback_threshold", [0.3, 0.866, 0.95])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_context_drafts_save_small_steps_and_never_cost_a_large_forward(pair, fallback_threshold, batch_size):
+    """Greedy, no cap reached: a row drafts what it would have drafted without context drafts, reading the
+    stretches it copied in one forward each (copies that reach the length limit are not even read). So outputs
+    are the same, with fewer small forwards and never more large ones. (0.866 lies among the small model's
+    confidences on these prompts.)"""
+    large, small = pair
+    ids, mask = left_pad(repeating_prompts(batch_size))
+    settings = dict(fallback_threshold=fallback_threshold, rollback_threshold=0.0, max_new_tokens=20,
+                    max_draft_tokens=64)  # fmt: skip
+    plain = bild_generate(large, ids, mask, **settings)
+    copied = bild_generate(large, ids, mask, **settings, **LOOKUP)
+    assert copied.sequences.tolist() == plain.sequences.tolist()
+    for row_copied, row_plain in zip(copied.bild_stats.large_forwards, plain.bild_stats.large_forwards, strict=True):
+        assert row_copied <= row_plain
+    assert totals(copied)["context_accepted"] > 0
+    assert totals(copied)["small_forwards"] < totals(plain)["small_forwards"]
 
 
 def test_max_draft_tokens_caps_small_steps_only(pair):

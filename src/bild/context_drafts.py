@@ -4,8 +4,9 @@ With ``prompt_lookup_num_tokens=k`` (the stock `GenerationConfig` field), each r
 the row's last n-gram up in the row's text so far (its prompt without left padding, then its accepted tokens;
 an encoder-decoder's decoder tokens): n from ``max_matching_ngram_size`` (stock default 2) down to 1, the most
 recent earlier occurrence that is followed by at least one token. Up to ``k`` of the tokens that followed it
-become drafts at no model cost, never past an EOS token (it is the last one) or the length limit. The small
-model then drafts on from there as usual (its next forward reads them in one chunk) and the large model checks
+become drafts at no model cost, never past an EOS token (it is the last one) or the length limit. In greedy
+decoding the small model's next forward reads them in one chunk and keeps those it would have drafted itself,
+sure of them (`bild.decoding.check_context_drafts`), then drafts on from there as usual; the large model checks
 every draft in its one verification forward, so the rollback rule treats them like any draft.
 
 Sampling: a context draft ``x`` was "drawn" from a point mass at ``x``, so exact speculative sampling

@@ -226,7 +226,7 @@ def draft(
     draft_probs = []
     checked = None  # greedy: the small model's first step, from the forward that checked the context drafts
     if bool((n_context > 0).any()) and not sampling.do_sample and bool(is_drafting.any()) and isinstance(small, Decoder):
-        checked = check_context_drafts(small, state, rules, start, drafts, is_drafting)
+        checked = check_context_drafts(small, state, rules, settings, start, drafts, is_drafting)
     for _ in range(cap):
         if not bool(is_drafting.any()):
             break
@@ -266,15 +266,19 @@ def draft(
 
 
 def check_context_drafts(
-    small: Decoder, state: BatchState, rules: TokenRules, start: torch.Tensor, drafts: Drafts, is_drafting: torch.Tensor
+    small: Decoder, state: BatchState, rules: TokenRules, settings: BildSettings, start: torch.Tensor, drafts: Drafts,
+    is_drafting: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
     """Greedy: one small forward reads a row's context drafts and keeps them up to the first one it would not have
-    drafted itself; the rest are dropped from the tokens and the small cache. Returns the small model's processed
-    scores `(batch_size, V)` for the token after the kept ones: its next step, which this forward already made.
+    drafted itself: another token than its own choice, or one where it is unsure (below the fallback threshold).
+    The rest are dropped from the tokens and the small cache. Returns the small model's processed scores
+    `(batch_size, V)` for the token after the kept ones: its next step, which this forward already made, and from
+    which the row drafts on as usual (an unsure step ends the round with its candidates at that position).
 
-    A context draft the small model disagrees with is mostly one the large model rejects too, and everything
-    drafted after it would be lost with it; the check costs nothing but a longer chunk in a forward the small
-    model makes anyway.
+    So a row drafts what it would have drafted without context drafts, but reads the stretch it copied in one
+    forward instead of a step per token. A context draft the small model disagrees with is mostly one the large
+    model rejects too; one it doubts is where the large model rolls back most, and there the fallback's
+    candidates (``fallback_candidates``) give the large model more than the one copied token to choose from.
     """
     n_context = torch.where(is_drafting, drafts.n_context, 0)
     n_columns = int(n_context.max()) + 1
@@ -284,7 +288,9 @@ def check_context_drafts(
     drafts.n_steps += is_drafting
     is_real = is_drafting[:, None] & (columns <= n_context[:, None])
     scores = apply_processors(rules, state, logits, target_index, is_real)  # [B, C, V]
-    is_other = (scores.argmax(dim=-1) != state.tokens_at(target_index)) & (columns < n_context[:, None])
+    is_unsure = should_fall_back(scores.softmax(dim=-1), settings.fallback_threshold)  # [B, C]
+    is_other = (scores.argmax(dim=-1) != state.tokens_at(target_index)) | is_unsure
+    is_other &= columns < n_context[:, None]
     n_kept = torch.where(is_other.any(dim=1), is_other.int().argmax(dim=1), n_context)  # [B]
     drafts.n_context = torch.where(is_drafting, n_kept, drafts.n_context)
     state.lengths = torch.where(is_drafting, start + n_kept, state.lengths)
