@@ -18,9 +18,13 @@ from bild import decoding
 from bild.bench.bench_config import parse_config
 from bild.config import BildSettings
 from bild.context_drafts import propose_context_drafts
+from bild.schedule import DraftCosts
 from bild.state import BatchState, DecoderInputs, Sampling, TokenRules
 
-LOOKUP = dict(prompt_lookup_num_tokens=4, max_matching_ngram_size=2)
+# how context drafts are priced (`DraftSchedule.context_caps`): the small model reads more tokens at no extra cost,
+# so every match is proposed (measured costs of these tiny models would make that depend on the machine's timing)
+FREE_CHUNKS = DraftCosts(small=((1, 0.1), (64, 0.1)), large=((1, 1.0), (64, 2.0)))
+LOOKUP = dict(prompt_lookup_num_tokens=4, max_matching_ngram_size=2, draft_costs=FREE_CHUNKS)
 
 
 def repeating_prompts(n: int, seed: int = 5) -> list[torch.Tensor]:
@@ -135,21 +139,20 @@ def test_batch_equals_rows_alone_with_lookup(pair):
     assert totals(batch)["rollbacks"] > 0
 
 
+@pytest.mark.parametrize("max_draft_tokens", ["auto", 20])
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_auto_proposes_context_drafts_only_where_checking_them_pays(pair, batch_size):
-    """max_draft_tokens="auto", greedy: a context draft the small model keeps saves it a step, and reading n of
-    them costs its forward small(n + 1) - small(1) more. Where that is free every match is proposed in full;
-    where each costs a whole step none is (no kept draft saves more than it costs); sampling keeps the setting."""
-    from bild.schedule import DraftCosts
-
+def test_context_drafts_are_proposed_only_where_checking_them_pays(pair, batch_size, max_draft_tokens):
+    """Greedy, under either cap: a context draft the small model keeps saves it a step, and reading n of them
+    costs its forward small(n + 1) - small(1) more. Where that is free every match is proposed in full; where
+    each costs a whole step none is (no kept draft saves more than it costs)."""
     large, _ = pair
     ids, mask = left_pad(repeating_prompts(batch_size))
     expected = large.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
     runs = {}
     for name, small in (("free", ((1, 0.1), (64, 0.1))), ("steep", ((1, 0.1), (64, 6.4)))):
         costs = DraftCosts(small=small, large=((1, 1.0), (64, 2.0)))
-        runs[name] = bild_generate(large, ids, mask, rollback_threshold=0.0, max_draft_tokens="auto",
-                                   draft_costs=costs, **LOOKUP)  # fmt: skip
+        runs[name] = bild_generate(large, ids, mask, rollback_threshold=0.0, max_draft_tokens=max_draft_tokens,
+                                   **{**LOOKUP, "draft_costs": costs})  # fmt: skip
         assert runs[name].sequences.tolist() == expected.tolist()
     assert totals(runs["free"])["context_accepted"] > 0 and totals(runs["steep"])["context_drafted"] == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -734,7 +735,10 @@ def start_run(
     state = BatchState.from_prompts(inputs.input_ids, inputs.attention_mask, rules.max_length, rules.pad_token_id)
     large, small, caches = build_decoders(large_model, small_model, inputs, rules.vocab_size, batch_size)
     schedule = DraftSchedule(batch_size, device, *draft_caps(settings, large_model, small_model))
-    schedule.candidates = candidate_rule(settings, large_model, small_model, schedule.costs)
+    # candidates and context drafts are priced under either cap; a fixed cap measures the pair when first needed
+    costs = schedule.costs or functools.cache(lambda: pair_costs(settings, large_model, small_model))
+    schedule.candidates = candidate_rule(settings, large_model, small_model, costs)
+    schedule.context_costs = costs
     outputs = None
     if output_scores or output_logits:
         outputs = StepOutputs(prompt_length, rules.pad_token_id, output_scores, output_logits)
@@ -812,12 +816,13 @@ class RowsScores:
 
 
 def candidate_rule(settings: BildSettings, large_model, small_model, costs) -> CandidateRule:
-    """The candidates of an unsure position: a fixed number, or ("auto") those that pay under ``costs`` (the
-    pair's, when the schedule has none), the unsure token alone where siblings cannot be checked."""
+    """The candidates of an unsure position: a fixed number, or ("auto") those that pay under ``costs`` (a
+    `DraftCosts`, or a callable measuring them when first needed), the unsure token alone where siblings cannot
+    be checked."""
     if settings.fallback_candidates != AUTO:
         return CandidateRule(settings.n_candidates)
     most = 1 if sibling_obstacle(large_model, small_model) else settings.n_candidates
-    return CandidateRule(most, costs or (lambda: pair_costs(settings, large_model, small_model)))
+    return CandidateRule(most, costs)
 
 
 def sibling_obstacle(large_model, small_model) -> str | None:

@@ -201,6 +201,8 @@ class DraftSchedule:
     def __init__(self, batch_size: int, device: torch.device, fixed: int | None, costs: DraftCosts | None):
         self.fixed = fixed
         self.costs = costs
+        # what prices context drafts under either cap: `costs`, or a callable that measures them when first needed
+        self.context_costs: DraftCosts | Callable[[], DraftCosts] | None = costs
         self.candidates = CandidateRule(0)  # how many tokens the large model checks at an unsure position
         # decayed evidence per row: [B] small steps, drafts (= confident steps), accepted drafts
         self.steps = torch.zeros(batch_size, device=device)
@@ -219,8 +221,8 @@ class DraftSchedule:
         return best_cap(r[is_active].tolist(), a[is_active].tolist(), self.costs)
 
     def context_caps(self, n_lookup: int | None, sampling: bool) -> torch.Tensor | None:
-        """Greedy with "auto": the most context drafts each row may propose this round, `(batch_size,)`; None:
-        ``n_lookup`` for every row (or no context drafts at all).
+        """Greedy, under either cap: the most context drafts each row may propose this round, `(batch_size,)`;
+        None: ``n_lookup`` for every row (or no context drafts at all).
 
         The small model checks a row's context drafts in its next forward, which reads them all: ``n`` of them
         cost ``small(n + 1) - small(1)`` more than one step, and each it keeps saves a step (``small(1)``).
@@ -228,11 +230,14 @@ class DraftSchedule:
         cap is the ``n`` in ``0..n_lookup`` with the largest saving over cost. (Sampling has no check: every
         context draft goes to the large model, and ``n_lookup`` stays.)
         """
-        if self.fixed is not None or sampling or not n_lookup:
+        if self.context_costs is None or sampling or not n_lookup:
             return None
+        if callable(self.context_costs):
+            self.context_costs = self.context_costs()
+        costs = self.context_costs
         c = ((self.context_kept + PRIOR_RATE * PRIOR_WEIGHT) / (self.context_proposed + PRIOR_WEIGHT)).tolist()
-        step = self.costs.small_cost(1)
-        extra = [self.costs.small_cost(n + 1) - step for n in range(n_lookup + 1)]
+        step = costs.small_cost(1)
+        extra = [costs.small_cost(n + 1) - step for n in range(n_lookup + 1)]
         caps = []
         for rate in c:
             kept = [sum(rate**i for i in range(1, n + 1)) for n in range(n_lookup + 1)]
@@ -241,8 +246,6 @@ class DraftSchedule:
 
     def update_context(self, is_active, n_proposed, n_kept) -> None:
         """Learn from this round's context drafts: proposed and kept per row, `(batch_size,)` each."""
-        if self.fixed is not None:
-            return
         keep = torch.where(is_active, DECAY, 1.0)
         self.context_proposed = self.context_proposed * keep + n_proposed * is_active
         self.context_kept = self.context_kept * keep + n_kept * is_active
