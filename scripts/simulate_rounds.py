@@ -376,8 +376,10 @@ def stop_length(criteria, prompt_ids: torch.Tensor, y: list[int]) -> int | None:
 
 
 def bild_call(large, prompt_ids, max_new_tokens, eos_ids, pad_id, criteria=None, **settings):
-    """``(new tokens through the first EOS, BildStats)`` of one real lossless BiLD call."""
-    kwargs = dict(fallback_threshold=THRESHOLD, rollback_threshold=0.0, max_draft_tokens=CAP)
+    """``(new tokens through the first EOS, BildStats)`` of one real lossless BiLD call, without context drafts
+    (the simulation does not model them)."""
+    kwargs = dict(fallback_threshold=THRESHOLD, rollback_threshold=0.0, max_draft_tokens=CAP,
+                  prompt_lookup_num_tokens=0)
     kwargs.update(settings)
     out = large.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_mode="bild",
                          do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),

@@ -16,9 +16,9 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 import bild
 from bild import decoding
 from bild.bench.bench_config import parse_config
-from bild.config import BildSettings
+from bild.config import DEFAULT_PROMPT_LOOKUP_NUM_TOKENS, BildSettings
 from bild.context_drafts import propose_context_drafts
-from bild.schedule import DraftCosts
+from bild.schedule import DraftCosts, DraftSchedule
 from bild.state import BatchState, DecoderInputs, Sampling, TokenRules
 
 # how context drafts are priced (`DraftSchedule.context_caps`): the small model reads more tokens at no extra cost,
@@ -157,6 +157,21 @@ def test_context_drafts_are_proposed_only_where_checking_them_pays(pair, batch_s
     assert totals(runs["free"])["context_accepted"] > 0 and totals(runs["steep"])["context_drafted"] == 0
 
 
+def test_copies_that_run_long_are_proposed_in_full():
+    """The chance that a copy goes on one more token is read from the tokens kept and the copies cut short, not
+    from kept over proposed: copies of 10 that keep 6 go on at 6/7 a token, so where each kept token saves 0.15,
+    the first token read costs 0.04 and each further one 0.02, the whole match is worth proposing (kept over
+    proposed, 0.6, would stop at 4); copies refused at once are not proposed at all."""
+    costs = DraftCosts(small=((1, 0.15), (2, 0.19), (64, 0.19 + 0.02 * 62)), large=((1, 1.0), (64, 2.0)))
+    caps = {}
+    for kept in (6, 0):
+        schedule = DraftSchedule(1, torch.device("cpu"), 20, costs)
+        for _ in range(20):
+            schedule.update_context(torch.tensor([True]), torch.tensor([10]), torch.tensor([kept]))
+        caps[kept] = schedule.context_caps(10, sampling=False).tolist()
+    assert caps == {6: [10], 0: [0]}
+
+
 def test_a_row_keeps_copied_tokens_only_where_it_is_sure_of_them(pair):
     """Greedy: the small model keeps a copied token only where it would have drafted it itself, sure of it. At the
     first one it agrees with but doubts, the round ends as it would have without context drafts: that step,
@@ -204,7 +219,7 @@ def test_context_drafts_save_small_steps_and_never_cost_a_large_forward(pair, fa
     ids, mask = left_pad(repeating_prompts(batch_size))
     settings = dict(fallback_threshold=fallback_threshold, rollback_threshold=0.0, max_new_tokens=20,
                     max_draft_tokens=64)  # fmt: skip
-    plain = bild_generate(large, ids, mask, **settings)
+    plain = bild_generate(large, ids, mask, **settings, prompt_lookup_num_tokens=0)
     copied = bild_generate(large, ids, mask, **settings, **LOOKUP)
     assert copied.sequences.tolist() == plain.sequences.tolist()
     for row_copied, row_plain in zip(copied.bild_stats.large_forwards, plain.bild_stats.large_forwards, strict=True):
@@ -296,9 +311,9 @@ def test_the_check_catches_context_drafts_treated_as_uniform_draws(pair, monkeyp
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(prompt_lookup_num_tokens=0), "`prompt_lookup_num_tokens` must be an integer >= 1 or None, got 0"),
-        (dict(prompt_lookup_num_tokens=-2), "`prompt_lookup_num_tokens` must be an integer >= 1 or None, got -2"),
-        (dict(prompt_lookup_num_tokens=2.5), "`prompt_lookup_num_tokens` must be an integer >= 1"),
+        (dict(prompt_lookup_num_tokens=-2), "`prompt_lookup_num_tokens` must be an integer >= 0 or None, got -2"),
+        (dict(prompt_lookup_num_tokens=2.5), "`prompt_lookup_num_tokens` must be an integer >= 0"),
+        (dict(prompt_lookup_num_tokens=True), "`prompt_lookup_num_tokens` must be an integer >= 0"),
         (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=0), "`max_matching_ngram_size` must be an integer"),
         (dict(max_matching_ngram_size=-1), "`max_matching_ngram_size` must be an integer >= 1 or None"),
     ],
@@ -314,6 +329,28 @@ def test_bad_values_raise(pair, kwargs, message):
         bild.BildGenerationConfig(**kwargs)
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_greedy_decoding_drafts_from_the_context_by_default(pair, batch_size):
+    """Left unset, prompt_lookup_num_tokens copies up to 10 tokens a round in greedy decoding (still exact), and
+    none when sampling; 0 turns context drafts off."""
+    large, _ = pair
+    ids, mask = left_pad(repeating_prompts(batch_size))
+    expected = large.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD)
+    runs = {n: bild_generate(large, ids, mask, rollback_threshold=0.0, draft_costs=FREE_CHUNKS,
+                             **({} if n is None else {"prompt_lookup_num_tokens": n}))
+            for n in (None, 0, 10)}  # fmt: skip
+    for out in runs.values():
+        assert out.sequences.tolist() == expected.tolist()
+    assert totals(runs[None]) == totals(runs[10]) and totals(runs[None])["context_drafted"] > 0
+    assert totals(runs[0])["context_drafted"] == 0
+    sampled = bild_generate(large, ids, mask, do_sample=True, draft_costs=FREE_CHUNKS)
+    assert totals(sampled)["context_drafted"] == 0
+    settings = BildSettings()
+    assert settings.for_decoding(do_sample=False).prompt_lookup_num_tokens == DEFAULT_PROMPT_LOOKUP_NUM_TOKENS
+    assert settings.for_decoding(do_sample=True).prompt_lookup_num_tokens is None
+    assert BildSettings(prompt_lookup_num_tokens=3).for_decoding(do_sample=True).prompt_lookup_num_tokens == 3
+
+
 def test_bench_bild_method_takes_the_lookup_settings():
     base = {"task": "translation", "small": "s", "large": "l"}
     config = parse_config({**base, "methods": [{"name": "bild", "prompt_lookup_num_tokens": 5}, "bild"]})
@@ -322,5 +359,8 @@ def test_bench_bild_method_takes_the_lookup_settings():
     assert "max_matching_ngram_size" not in lookup_method.params
     assert lookup_method.label == "bild(0.6, 2, 20+pl5)"
     assert "prompt_lookup_num_tokens" not in plain.params  # unset: not passed to generate()
+    assert plain.label == "bild(0.6, 2, 20)"
+    off = parse_config({**base, "methods": [{"name": "bild", "prompt_lookup_num_tokens": 0}]}).methods[0]
+    assert off.label == "bild(0.6, 2, 20+pl0)" and off.params["prompt_lookup_num_tokens"] == 0
     with pytest.raises(ValueError, match="my.yaml: bild method: `max_matching_ngram_size` must be"):
         parse_config({**base, "methods": [{"name": "bild", "max_matching_ngram_size": 0}]}, source="my.yaml")

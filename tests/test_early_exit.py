@@ -241,7 +241,8 @@ def test_drafted_tokens_do_not_pass_the_shared_layers_twice(exit_model):
     """Shared: every token crosses layer 0 once, exactly as often as layer k; a plain run pays the drafter's on top."""
     large, drafter, _ = exit_model
     ids = prompts(2)[1][None]  # a prompt whose drafts are both accepted and rolled back
-    settings = dict(fallback_threshold=0.0, rollback_threshold=0.0, max_draft_tokens=6, max_new_tokens=30)
+    settings = dict(fallback_threshold=0.0, rollback_threshold=0.0, max_draft_tokens=6, max_new_tokens=30,
+                    prompt_lookup_num_tokens=0)  # every draft a drafter step  # fmt: skip
     layers = large.model.layers
     with TokenCounter(first=layers[0], upper=layers[EXIT_LAYER], adapter=drafter.adapter) as shared:
         out = bild_generate(large, drafter, ids, **settings)

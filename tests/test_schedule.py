@@ -99,7 +99,7 @@ def test_auto_is_the_largest_fixed_cap_where_drafting_always_pays(pair):
     auto = generate(large, ids, mask, max_draft_tokens="auto", draft_costs=dataclasses.asdict(ALWAYS_PAYS),
                     rollback_threshold=1.0, max_new_tokens=30)  # fmt: skip
     fixed = generate(large, ids, mask, max_draft_tokens=AUTO_MAX_DRAFT_TOKENS, rollback_threshold=1.0,
-                     max_new_tokens=30)  # fmt: skip
+                     max_new_tokens=30, draft_costs=dataclasses.asdict(ALWAYS_PAYS))  # fmt: skip
     assert torch.equal(auto.sequences, fixed.sequences)
     assert auto.bild_stats == fixed.bild_stats
 

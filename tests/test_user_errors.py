@@ -135,7 +135,7 @@ def test_5_settings_are_merged_or_refused_never_dropped(pair, ids):
     for kwargs, message in [
         (dict(cache_implementation="static"), "cache_implementation='static'"),
         (dict(cache_implementation="paged"), "cache_implementation='paged'"),
-        (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens` must be an integer >= 1"),  # 3: context drafts
+        (dict(prompt_lookup_num_tokens=-1), "prompt_lookup_num_tokens` must be an integer >= 0"),  # 3: context drafts
         (dict(dola_layers="low"), "dola_layers"),
         (dict(custom_generate=lambda *args, **kwargs: None), "custom_generate"),
         (dict(position_ids=torch.arange(ids.shape[1])[None]), "position_ids"),

@@ -6,7 +6,7 @@ import contextlib
 import contextvars
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,8 @@ DEFAULT_ROLLBACK_THRESHOLD = 2.0
 DEFAULT_MAX_DRAFT_TOKENS = 20  # measured against 10, 'auto' and context drafts: docs/measured.md, "Which defaults"
 DEFAULT_VERIFY_FALLBACK_TOKEN = False
 DEFAULT_FALLBACK_CANDIDATES = AUTO  # measured: docs/measured.md, "Which candidates to check"
+# greedy decoding with prompt_lookup_num_tokens unset: docs/measured.md, "Context drafts by default?"
+DEFAULT_PROMPT_LOOKUP_NUM_TOKENS = 10
 BILD_FIELDS = (
     "fallback_threshold", "rollback_threshold", "max_draft_tokens", "verify_fallback_token", "draft_costs",
     "fallback_candidates",
@@ -51,9 +53,10 @@ class BildSettings:
         choice); 1 is ``verify_fallback_token``; 0 drops the unsure token (the paper's rule); ``"auto"`` (the
         default): the unsure token, and up to `AUTO_MAX_CANDIDATES` - 1 more where their probability pays for
         the extra verification cost.
-    prompt_lookup_num_tokens: k >= 1 or None (the stock `GenerationConfig` field): each round first copies up to
-        k tokens as free drafts from where the row's last n-gram occurred earlier in its text
-        (`bild.context_drafts`); None: none.
+    prompt_lookup_num_tokens: k >= 1 (the stock `GenerationConfig` field): each round first copies up to k tokens
+        as free drafts from where the row's last n-gram occurred earlier in its text (`bild.context_drafts`); 0:
+        none; None (unset): `DEFAULT_PROMPT_LOOKUP_NUM_TOKENS` in greedy decoding, none when sampling
+        (`for_decoding`).
     max_matching_ngram_size: the longest n-gram looked up (>= 1; None: 2, like stock prompt lookup).
     """
 
@@ -82,6 +85,15 @@ class BildSettings:
             object.__setattr__(self, "max_draft_tokens", int(self.max_draft_tokens))
         if self.draft_costs is not None:
             object.__setattr__(self, "draft_costs", DraftCosts.load(self.draft_costs))
+
+    def for_decoding(self, do_sample: bool) -> BildSettings:
+        """These settings as one generate() call runs them: an unset ``prompt_lookup_num_tokens`` resolved (context
+        drafts by default in greedy decoding only, where the small model checks them and they are priced; with
+        sampling every copied token would go unchecked to the large model), 0 read as None."""
+        n_lookup = self.prompt_lookup_num_tokens
+        if n_lookup is None and not do_sample:
+            n_lookup = DEFAULT_PROMPT_LOOKUP_NUM_TOKENS
+        return replace(self, prompt_lookup_num_tokens=n_lookup or None)
 
     @property
     def n_candidates(self) -> int:
@@ -140,11 +152,13 @@ def validate_settings(
 
 def validate_context_settings(prompt_lookup_num_tokens: Any, max_matching_ngram_size: Any) -> None:
     """Raise a ValueError that says what to change when a context-draft (prompt lookup) setting is out of range."""
-    if not is_count_or_none(prompt_lookup_num_tokens):
+    n_lookup = prompt_lookup_num_tokens
+    if n_lookup is not None and not (is_integer(n_lookup) and n_lookup >= 0):
         raise ValueError(
-            f"`prompt_lookup_num_tokens` must be an integer >= 1 or None, got {prompt_lookup_num_tokens!r}: in BiLD "
+            f"`prompt_lookup_num_tokens` must be an integer >= 0 or None, got {prompt_lookup_num_tokens!r}: in BiLD "
             "mode it is the most tokens copied as free drafts each round from where the text's last n-gram occurred "
-            "before. Leave it out (None) to draft with the small model only."
+            f"before. 0 drafts with the small model only; None (unset) copies up to {DEFAULT_PROMPT_LOOKUP_NUM_TOKENS} "
+            "in greedy decoding."
         )
     if not is_count_or_none(max_matching_ngram_size):
         raise ValueError(

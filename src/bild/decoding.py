@@ -691,6 +691,7 @@ def decode(
     ``output_scores`` / ``output_logits``: also return the large model's scores / logits at every step.
     """
     sampling = sampling or Sampling()
+    settings = settings.for_decoding(sampling.do_sample)
     for model in (large_model, small_model):
         if obstacle := recurrent_rollback_obstacle(model):
             raise NotImplementedError(obstacle)

@@ -208,9 +208,9 @@ class DraftSchedule:
         self.steps = torch.zeros(batch_size, device=device)
         self.drafted = torch.zeros(batch_size, device=device)
         self.accepted = torch.zeros(batch_size, device=device)
-        # and context drafts (prompt lookup): [B] proposed, kept
-        self.context_proposed = torch.zeros(batch_size, device=device)
+        # and context drafts (prompt lookup): [B] kept, and copies cut short (fewer kept than proposed)
         self.context_kept = torch.zeros(batch_size, device=device)
+        self.context_stops = torch.zeros(batch_size, device=device)
 
     def next_cap(self, is_active: torch.Tensor) -> int:
         """The most drafts any active row may make this round (0: a plain large-model step)."""
@@ -226,16 +226,20 @@ class DraftSchedule:
 
         The small model checks a row's context drafts in its next forward, which reads them all: ``n`` of them
         cost ``small(n + 1) - small(1)`` more than one step, and each it keeps saves a step (``small(1)``).
-        With the row's recent context acceptance ``c``, ``n`` drafts keep ``c + c^2 + ... + c^n`` on average; the
-        cap is the ``n`` in ``0..n_lookup`` with the largest saving over cost. (Sampling has no check: every
-        context draft goes to the large model, and ``n_lookup`` stays.)
+        With ``c`` the chance that a copy goes on one more token, ``n`` drafts keep ``c + c^2 + ... + c^n`` on
+        average; the cap is the ``n`` in ``0..n_lookup`` with the largest saving over cost. ``c`` is estimated as
+        a geometric rate cut short by the cap: tokens kept over tokens kept plus copies that ended before their
+        proposal did (kept over proposed would read a copy of 10 that keeps 6 of them as 0.6 where it is 0.86,
+        and copies are mostly either right for long or wrong at once). (Sampling has no check: every context
+        draft goes to the large model, and ``n_lookup`` stays.)
         """
         if self.context_costs is None or sampling or not n_lookup:
             return None
         if callable(self.context_costs):
             self.context_costs = self.context_costs()
         costs = self.context_costs
-        c = ((self.context_kept + PRIOR_RATE * PRIOR_WEIGHT) / (self.context_proposed + PRIOR_WEIGHT)).tolist()
+        kept = self.context_kept + PRIOR_RATE * PRIOR_WEIGHT
+        c = (kept / (self.context_kept + self.context_stops + PRIOR_WEIGHT)).tolist()
         step = costs.small_cost(1)
         extra = [costs.small_cost(n + 1) - step for n in range(n_lookup + 1)]
         caps = []
@@ -247,8 +251,8 @@ class DraftSchedule:
     def update_context(self, is_active, n_proposed, n_kept) -> None:
         """Learn from this round's context drafts: proposed and kept per row, `(batch_size,)` each."""
         keep = torch.where(is_active, DECAY, 1.0)
-        self.context_proposed = self.context_proposed * keep + n_proposed * is_active
         self.context_kept = self.context_kept * keep + n_kept * is_active
+        self.context_stops = self.context_stops * keep + (n_kept < n_proposed) * is_active
 
     def update(self, is_active, n_steps, n_drafted, n_accepted) -> None:
         """Learn from this round: small steps taken, drafts made, drafts kept; `(batch_size,)` each."""

@@ -306,7 +306,7 @@ def check_ensemble_weight(value: Any, what: str) -> float:
 def default_label(name: str, params: dict) -> str:
     """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; candidates at the default "auto" unless marked:
     ``+c0``: the paper's rule, the unsure token dropped; ``+v``: the unsure token alone is checked; ``+c3``: it and
-    its 2 next-best siblings; ``+pl3``: up to 3 context drafts a round),
+    its 2 next-best siblings; ``+pl3``: up to 3 context drafts a round, ``+pl0``: none; unmarked: the default),
     ``assisted(n=5, constant, c=0.4)``, ``assisted w=0.5`` (stock's ensemble weight), or the name."""
     if name == "bild" and params:
         k = params.get("fallback_candidates", DEFAULT_FALLBACK_CANDIDATES)
@@ -314,7 +314,7 @@ def default_label(name: str, params: dict) -> str:
         if k != AUTO:
             k = max(k, int(bool(params.get("verify_fallback_token"))))
             checked = "+v" if k == 1 else f"+c{k}"
-        if params.get("prompt_lookup_num_tokens"):  # context drafts: +pl<k>, and /<n> for a non-default n-gram
+        if params.get("prompt_lookup_num_tokens") is not None:  # context drafts: +pl<k>, /<n> for a non-default n-gram
             ngram = params.get("max_matching_ngram_size")
             checked += f"+pl{params['prompt_lookup_num_tokens']}" + (f"/{ngram}" if ngram else "")
         return f"bild({params['fallback_threshold']:g}, {params['rollback_threshold']:g}, {params['max_draft_tokens']}{checked})"
