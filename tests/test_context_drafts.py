@@ -93,7 +93,7 @@ def test_lookup_skips_padding_and_stops_at_eos_and_the_length_limit():
 @pytest.mark.parametrize("batch_size", [1, 8])
 @pytest.mark.parametrize("settings", [dict(fallback_threshold=0.5, max_draft_tokens=4, **LOOKUP),
                                       dict(fallback_threshold=0.9, max_draft_tokens=2, prompt_lookup_num_tokens=6,
-                                           max_matching_ngram_size=1),
+                                           max_matching_ngram_size=1, draft_costs=FREE_CHUNKS),
                                       dict(fallback_threshold=0.9, max_draft_tokens=4, fallback_candidates=3, **LOOKUP)])  # fmt: skip
 def test_rollback_zero_with_lookup_is_large_greedy_decoder_only(pair, batch_size, settings):
     large, _ = pair

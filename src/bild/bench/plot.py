@@ -154,7 +154,8 @@ def plot_fronts(results: dict, path: str | Path) -> Path:
         ax.legend(fontsize=7, loc="best")
     names = " / ".join(Path(results["config"][key]).name for key in ("large", "small"))
     level = f"{interval['confidence']:.0%} bootstrap intervals" if interval else "no intervals"
-    fig.suptitle(f"{task['name']}, {results['n_examples']} examples, {results.get('decoding', 'greedy')}: {names}; "
+    # two lines: one would run past the figure's edges with long model names
+    fig.suptitle(f"{task['name']}, {results['n_examples']} examples, {results.get('decoding', 'greedy')}: {names}\n"
                  f"error bars: {level}", fontsize=9)  # fmt: skip
     fig.tight_layout()
     path = Path(path)
