@@ -152,8 +152,7 @@ def validate_settings(
 
 def validate_context_settings(prompt_lookup_num_tokens: Any, max_matching_ngram_size: Any) -> None:
     """Raise a ValueError that says what to change when a context-draft (prompt lookup) setting is out of range."""
-    n_lookup = prompt_lookup_num_tokens
-    if n_lookup is not None and not (is_integer(n_lookup) and n_lookup >= 0):
+    if not is_count_or_none(prompt_lookup_num_tokens, minimum=0):
         raise ValueError(
             f"`prompt_lookup_num_tokens` must be an integer >= 0 or None, got {prompt_lookup_num_tokens!r}: in BiLD "
             "mode it is the most tokens copied as free drafts each round from where the text's last n-gram occurred "
@@ -167,9 +166,9 @@ def validate_context_settings(prompt_lookup_num_tokens: Any, max_matching_ngram_
         )
 
 
-def is_count_or_none(value: Any) -> bool:
-    """None, or an integer >= 1."""
-    return value is None or (is_integer(value) and value >= 1)
+def is_count_or_none(value: Any, minimum: int = 1) -> bool:
+    """None, or an integer >= ``minimum``."""
+    return value is None or (is_integer(value) and value >= minimum)
 
 
 def from_json_value(value: Any) -> Any:

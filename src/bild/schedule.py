@@ -238,8 +238,8 @@ class DraftSchedule:
         if callable(self.context_costs):
             self.context_costs = self.context_costs()
         costs = self.context_costs
-        kept = self.context_kept + PRIOR_RATE * PRIOR_WEIGHT
-        c = (kept / (self.context_kept + self.context_stops + PRIOR_WEIGHT)).tolist()
+        c = ((self.context_kept + PRIOR_RATE * PRIOR_WEIGHT)
+             / (self.context_kept + self.context_stops + PRIOR_WEIGHT)).tolist()  # fmt: skip
         step = costs.small_cost(1)
         extra = [costs.small_cost(n + 1) - step for n in range(n_lookup + 1)]
         caps = []
