@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -735,11 +734,10 @@ def start_run(
     device = inputs.input_ids.device
     state = BatchState.from_prompts(inputs.input_ids, inputs.attention_mask, rules.max_length, rules.pad_token_id)
     large, small, caches = build_decoders(large_model, small_model, inputs, rules.vocab_size, batch_size)
-    schedule = DraftSchedule(batch_size, device, *draft_caps(settings, large_model, small_model))
+    fixed, costs = draft_caps(settings, large_model, small_model)
     # candidates and context drafts are priced under either cap; a fixed cap measures the pair when first needed
-    costs = schedule.costs or functools.cache(lambda: pair_costs(settings, large_model, small_model))
-    schedule.candidates = candidate_rule(settings, large_model, small_model, costs)
-    schedule.context_costs = costs
+    schedule = DraftSchedule(batch_size, device, fixed, costs or (lambda: pair_costs(settings, large_model, small_model)))
+    schedule.candidates = candidate_rule(settings, large_model, small_model, schedule.pair_costs)
     outputs = None
     if output_scores or output_logits:
         outputs = StepOutputs(prompt_length, rules.pad_token_id, output_scores, output_logits)
@@ -817,9 +815,8 @@ class RowsScores:
 
 
 def candidate_rule(settings: BildSettings, large_model, small_model, costs) -> CandidateRule:
-    """The candidates of an unsure position: a fixed number, or ("auto") those that pay under ``costs`` (a
-    `DraftCosts`, or a callable measuring them when first needed), the unsure token alone where siblings cannot
-    be checked."""
+    """The candidates of an unsure position: a fixed number, or ("auto") those that pay under ``costs()`` (the
+    pair's costs, measured when first needed), the unsure token alone where siblings cannot be checked."""
     if settings.fallback_candidates != AUTO:
         return CandidateRule(settings.n_candidates)
     most = 1 if sibling_obstacle(large_model, small_model) else settings.n_candidates

@@ -198,11 +198,14 @@ def _interpolate(points: tuple[tuple[int, float], ...], n: float) -> float:
 class DraftSchedule:
     """The draft cap of each round: ``fixed`` every round, or chosen by the cost model ("auto")."""
 
-    def __init__(self, batch_size: int, device: torch.device, fixed: int | None, costs: DraftCosts | None):
+    def __init__(
+        self, batch_size: int, device: torch.device, fixed: int | None,
+        costs: DraftCosts | Callable[[], DraftCosts] | None,
+    ):  # fmt: skip
+        """``costs``: the pair's draft costs (needed for ``fixed=None``, the "auto" cap), or a callable that measures
+        them when first needed (`pair_costs`: a call that never prices anything never pays the seconds it takes)."""
         self.fixed = fixed
-        self.costs = costs
-        # what prices context drafts under either cap: `costs`, or a callable that measures them when first needed
-        self.context_costs: DraftCosts | Callable[[], DraftCosts] | None = costs
+        self._costs = costs
         self.candidates = CandidateRule(0)  # how many tokens the large model checks at an unsure position
         # decayed evidence per row: [B] small steps, drafts (= confident steps), accepted drafts
         self.steps = torch.zeros(batch_size, device=device)
@@ -218,7 +221,13 @@ class DraftSchedule:
             return self.fixed
         r = (self.drafted + PRIOR_RATE * PRIOR_WEIGHT) / (self.steps + PRIOR_WEIGHT)  # [B]
         a = (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.drafted + PRIOR_WEIGHT)  # [B]
-        return best_cap(r[is_active].tolist(), a[is_active].tolist(), self.costs)
+        return best_cap(r[is_active].tolist(), a[is_active].tolist(), self.pair_costs())
+
+    def pair_costs(self) -> DraftCosts | None:
+        """The pair's draft costs, which price the cap, context drafts and candidates; measured once if a callable."""
+        if callable(self._costs):
+            self._costs = self._costs()
+        return self._costs
 
     def context_caps(self, n_lookup: int | None, sampling: bool) -> torch.Tensor | None:
         """Greedy, under either cap: the most context drafts each row may propose this round, `(batch_size,)`;
@@ -233,11 +242,9 @@ class DraftSchedule:
         and copies are mostly either right for long or wrong at once). (Sampling has no check: every context
         draft goes to the large model, and ``n_lookup`` stays.)
         """
-        if self.context_costs is None or sampling or not n_lookup:
+        if self._costs is None or sampling or not n_lookup:
             return None
-        if callable(self.context_costs):
-            self.context_costs = self.context_costs()
-        costs = self.context_costs
+        costs = self.pair_costs()
         c = ((self.context_kept + PRIOR_RATE * PRIOR_WEIGHT)
              / (self.context_kept + self.context_stops + PRIOR_WEIGHT)).tolist()  # fmt: skip
         step = costs.small_cost(1)
@@ -292,13 +299,13 @@ class CandidateRule:
         a mean ``q_1`` of 0.26, the others about as often as ``q_j`` says: docs/measured.md.)
         Where a few more tokens cost the large forward almost nothing (bfloat16, oneDNN kernels) likely
         candidates are checked; where cost grows fast with tokens (stock float32 kernels on AVX2), none are.
-        A callable is called for them the first time a sibling could be checked (measuring a pair takes
-        seconds: a call that never falls back, or checks the unsure token alone, never pays it). None: always
-        ``most``.
+        A callable returning the pair's costs (`DraftSchedule.pair_costs`), called the first time a sibling
+        could be checked (measuring a pair takes seconds: a call that never falls back, or checks the unsure token
+        alone, never pays it). None: always ``most``.
     """
 
     most: int
-    costs: DraftCosts | Callable[[], DraftCosts] | None = None
+    costs: Callable[[], DraftCosts] | None = None
 
     def per_row(self, probs: torch.Tensor, n_fed: torch.Tensor) -> torch.Tensor:
         """`(batch_size,)` candidates to check for rows unsure with processed probabilities `(batch_size, V)`,
@@ -306,10 +313,8 @@ class CandidateRule:
         priced as if it ran alone, so its choice, and so its output, never depends on its batch-mates."""
         if self.costs is None or self.most <= 1:
             return torch.full((len(probs),), self.most, dtype=torch.long, device=probs.device)
-        if callable(self.costs):
-            self.costs = self.costs()
         top = probs.topk(self.most, dim=-1).values  # [B, K]
-        large = self.costs.large_cost
+        large = self.costs().large_cost
         extra = torch.tensor(
             [[large(n + j) - large(n + j - 1) for j in range(1, self.most + 1)] for n in n_fed.tolist()],
             dtype=top.dtype, device=top.device,
