@@ -357,10 +357,10 @@ def test_bench_bild_method_takes_the_lookup_settings():
     lookup_method, plain = config.methods
     assert lookup_method.params["prompt_lookup_num_tokens"] == 5
     assert "max_matching_ngram_size" not in lookup_method.params
-    assert lookup_method.label == "bild(0.6, 2, 20+pl5)"
+    assert lookup_method.label == "bild(0.6, 1, 20+pl5)"
     assert "prompt_lookup_num_tokens" not in plain.params  # unset: not passed to generate()
-    assert plain.label == "bild(0.6, 2, 20)"
+    assert plain.label == "bild(0.6, 1, 20)"
     off = parse_config({**base, "methods": [{"name": "bild", "prompt_lookup_num_tokens": 0}]}).methods[0]
-    assert off.label == "bild(0.6, 2, 20+pl0)" and off.params["prompt_lookup_num_tokens"] == 0
+    assert off.label == "bild(0.6, 1, 20+pl0)" and off.params["prompt_lookup_num_tokens"] == 0
     with pytest.raises(ValueError, match="my.yaml: bild method: `max_matching_ngram_size` must be"):
         parse_config({**base, "methods": [{"name": "bild", "max_matching_ngram_size": 0}]}, source="my.yaml")

@@ -98,10 +98,10 @@ def test_stock_sampling_passes_the_same_check(pair, prompt):
     assert chi_square_p_value(counts, expected) > P_VALUE
 
 
-def residual_forgotten(draft_ids, n_drafted, draft_probs, target_probs, rollback_threshold, generator=None):
+def residual_forgotten(draft_ids, n_drafted, draft_probs, target_probs, rollback_threshold, generator=None, rule="nll"):
     """A classic bug: after a rejection, draw the replacement from p instead of norm(max(0, p - q))."""
     n_accepted, is_rollback, next_ids = policies.find_rollback_sampled(
-        draft_ids, n_drafted, draft_probs, target_probs, rollback_threshold, generator
+        draft_ids, n_drafted, draft_probs, target_probs, rollback_threshold, generator, rule
     )
     from_p = policies.sample(target_probs[torch.arange(len(n_accepted)), n_accepted], generator)
     return n_accepted, is_rollback, torch.where(is_rollback, from_p, next_ids)

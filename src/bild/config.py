@@ -13,11 +13,14 @@ import numpy as np
 from transformers import GenerationConfig
 
 from .compat import SeenByGenerate
+from .policies import NLL, ROLLBACK_RULES
 from .schedule import AUTO, AUTO_MAX_CANDIDATES, DraftCosts
 
 BILD_MODE = "bild"
 DEFAULT_FALLBACK_THRESHOLD = 0.6
-DEFAULT_ROLLBACK_THRESHOLD = 2.0
+# the paper's 2.0 lost 0.5-1.6 chrF on De-En where 1.0 kept it at the same speed: docs/lossy-decoding.md, "Measured"
+DEFAULT_ROLLBACK_THRESHOLD = 1.0
+DEFAULT_ROLLBACK_RULE = NLL  # the paper's: alpha_RB bounds a draft's cross-entropy under the large model
 DEFAULT_MAX_DRAFT_TOKENS = 20  # measured against 10, 'auto' and context drafts: docs/measured.md, "Which defaults"
 DEFAULT_VERIFY_FALLBACK_TOKEN = False
 DEFAULT_FALLBACK_CANDIDATES = AUTO  # measured: docs/measured.md, "Which candidates to check"
@@ -25,7 +28,7 @@ DEFAULT_FALLBACK_CANDIDATES = AUTO  # measured: docs/measured.md, "Which candida
 DEFAULT_PROMPT_LOOKUP_NUM_TOKENS = 10
 BILD_FIELDS = (
     "fallback_threshold", "rollback_threshold", "max_draft_tokens", "verify_fallback_token", "draft_costs",
-    "fallback_candidates",
+    "fallback_candidates", "rollback_rule",
 )  # fmt: skip
 # Stock GenerationConfig fields that BiLD reads too: context drafts (prompt lookup), see bild.context_drafts
 CONTEXT_FIELDS = ("prompt_lookup_num_tokens", "max_matching_ngram_size")
@@ -40,7 +43,7 @@ class BildSettings:
 
     fallback_threshold: alpha_FB in [0, 1]; the small model stops drafting when its top probability is below it.
     rollback_threshold: alpha_RB >= 0 (``inf`` allowed); a draft the large model disagrees with is rolled back
-        when its cross-entropy under the large model exceeds it. 0 makes BiLD lossless.
+        when its cross-entropy under the large model exceeds it (``rollback_rule``). 0 makes BiLD lossless.
     max_draft_tokens: N >= 1, the large model is called after at most N drafts; or ``"auto"``, a cap chosen
         each round from the pair's forward costs and recent acceptance (`bild.schedule`). It caps small-model
         steps: context drafts (``prompt_lookup_num_tokens``) come on top.
@@ -58,6 +61,9 @@ class BildSettings:
         none; None (unset): `DEFAULT_PROMPT_LOOKUP_NUM_TOKENS` in greedy decoding, none when sampling
         (`for_decoding`).
     max_matching_ngram_size: the longest n-gram looked up (>= 1; None: 2, like stock prompt lookup).
+    rollback_rule: what ``rollback_threshold`` bounds: ``"nll"`` (the default, the paper's), a draft's
+        cross-entropy under the large model, ``-log p(x)``; ``"margin"``, how far its log-probability falls below
+        the large model's top token's, ``log max p - log p(x)`` (`bild.policies.draft_scores`).
     """
 
     fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD
@@ -68,6 +74,7 @@ class BildSettings:
     fallback_candidates: int | str = DEFAULT_FALLBACK_CANDIDATES
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
+    rollback_rule: str = DEFAULT_ROLLBACK_RULE
 
     def __post_init__(self):
         validate_context_settings(self.prompt_lookup_num_tokens, self.max_matching_ngram_size)
@@ -75,7 +82,7 @@ class BildSettings:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         validate_settings(self.fallback_threshold, self.rollback_threshold, self.max_draft_tokens,
-                          self.verify_fallback_token, self.fallback_candidates)  # fmt: skip
+                          self.verify_fallback_token, self.fallback_candidates, self.rollback_rule)  # fmt: skip
         if self.fallback_candidates != AUTO:
             object.__setattr__(self, "fallback_candidates", int(self.fallback_candidates))
         # plain Python numbers (not numpy scalars), so configs and reports serialize cleanly
@@ -122,7 +129,7 @@ class BildSettings:
 
 def validate_settings(
     fallback_threshold: Any, rollback_threshold: Any, max_draft_tokens: Any, verify_fallback_token: Any = False,
-    fallback_candidates: Any = 0,
+    fallback_candidates: Any = 0, rollback_rule: Any = DEFAULT_ROLLBACK_RULE,
 ) -> None:
     """Raise a ValueError that says what to change when a BiLD setting is out of range."""
     if not is_real(fallback_threshold) or not 0.0 <= float(fallback_threshold) <= 1.0:
@@ -147,6 +154,12 @@ def validate_settings(
             f"`fallback_candidates` must be an integer >= 0 or 'auto', got {fallback_candidates!r}: the number of the "
             "small model's top tokens at an unsure position that the large model checks (0: none, the paper's rule; "
             "'auto': those whose probability pays for the extra verification cost)."
+        )
+    if rollback_rule not in ROLLBACK_RULES:
+        raise ValueError(
+            f"`rollback_rule` must be one of {list(ROLLBACK_RULES)}, got {rollback_rule!r}: what rollback_threshold "
+            "bounds, a draft's cross-entropy under the large model ('nll', the paper's rule) or how far its "
+            "log-probability falls below the large model's top token's ('margin')."
         )
 
 
@@ -213,7 +226,7 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
 
     Args:
         fallback_threshold: alpha_FB in [0, 1] (default 0.6).
-        rollback_threshold: alpha_RB >= 0, ``inf`` allowed (default 2.0).
+        rollback_threshold: alpha_RB >= 0, ``inf`` allowed (default 1.0).
         max_draft_tokens: N >= 1, the most small-model steps before the large model is called (default 20),
             or ``"auto"`` (a cost-aware cap each round).
         verify_fallback_token: let the large model check the small model's unsure token on a fallback.
@@ -221,6 +234,9 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
             measured on first use and stored).
         fallback_candidates: K, the small model's top-K tokens at an unsure position checked by the large model
             (0: the paper's rule), or ``"auto"`` (default: the unsure token, and the next ones that pay).
+        rollback_rule: what ``rollback_threshold`` bounds: ``"nll"`` (default, the paper's: a draft's
+            cross-entropy under the large model) or ``"margin"`` (how far its log-probability falls below the top
+            token's).
         **kwargs: any `GenerationConfig` argument (``max_new_tokens``, ``eos_token_id``, ...).
     """
 
@@ -232,6 +248,7 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
         verify_fallback_token: bool | None = None,
         draft_costs: dict | str | None = None,
         fallback_candidates: int | str | None = None,
+        rollback_rule: str | None = None,
         **kwargs: Any,
     ):
         # GenerationConfig keeps unknown keyword arguments as attributes and validates at the end of __init__.
@@ -242,6 +259,7 @@ class BildGenerationConfig(SeenByGenerate, GenerationConfig):
             verify_fallback_token=verify_fallback_token,
             draft_costs=draft_costs,
             fallback_candidates=fallback_candidates,
+            rollback_rule=rollback_rule,
         )
         kwargs.update(generation_mode=BILD_MODE, **{name: from_json_value(v) for name, v in settings.items()})
         super().__init__(**kwargs)

@@ -378,13 +378,13 @@ def find_rollback_point(
         target_probs = target_scores.softmax(dim=-1)  # [B, C, V]
         n_accepted, is_rollback, next_ids = find_rollback_sampled(
             token_ids[:, :k], n_drafted, drafts.probs, target_probs[:, : k + 1], settings.rollback_threshold,
-            sampling.generator,
+            sampling.generator, settings.rollback_rule,
         )  # fmt: skip
     else:
         target_ids = target_scores.argmax(dim=-1)  # [B, C]
         n_accepted, is_rollback = find_rollback(
             token_ids[:, :k], n_drafted, target_scores[:, : k + 1].log_softmax(dim=-1), target_ids[:, : k + 1],
-            settings.rollback_threshold,
+            settings.rollback_threshold, settings.rollback_rule,
         )  # fmt: skip
         next_ids = target_ids.gather(1, n_accepted[:, None]).squeeze(1)
     candidate_ids = token_ids.gather(1, n_drafted[:, None]).squeeze(1)  # [B]

@@ -11,8 +11,16 @@ from typing import Any
 import yaml
 
 from bild.bench.machine import DEVICES, DTYPES, KERNELS
-from bild.config import BILD_FIELDS, CONTEXT_FIELDS, DEFAULT_FALLBACK_CANDIDATES, BildSettings, is_real
+from bild.config import (
+    BILD_FIELDS,
+    CONTEXT_FIELDS,
+    DEFAULT_FALLBACK_CANDIDATES,
+    DEFAULT_ROLLBACK_RULE,
+    BildSettings,
+    is_real,
+)  # fmt: skip
 from bild.drafters import QUANTIZATIONS
+from bild.policies import ROLLBACK_RULES
 from bild.schedule import AUTO
 
 METHOD_NAMES = ("large", "small", "assisted", "bild")
@@ -238,7 +246,10 @@ def _check_bild(params: dict, source: str) -> dict:
         settings = dataclasses.asdict(BildSettings(**values))
     except ValueError as err:
         raise ValueError(f"{source}: bild method: {err}") from err
-    return {name: v for name, v in settings.items() if name not in CONTEXT_FIELDS or v is not None}  # unset: left out
+    # unset context fields are left out, and the paper's rollback rule (so methods keep the keys that journals
+    # written before the rule was a setting hold)
+    return {name: v for name, v in settings.items()
+            if not (name in CONTEXT_FIELDS and v is None or name == "rollback_rule" and v == DEFAULT_ROLLBACK_RULE)}  # fmt: skip
 
 
 def _check_sampling(values: dict, source: str) -> dict:
@@ -306,7 +317,8 @@ def check_ensemble_weight(value: Any, what: str) -> float:
 def default_label(name: str, params: dict) -> str:
     """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; candidates at the default "auto" unless marked:
     ``+c0``: the paper's rule, the unsure token dropped; ``+v``: the unsure token alone is checked; ``+c3``: it and
-    its 2 next-best siblings; ``+pl3``: up to 3 context drafts a round, ``+pl0``: none; unmarked: the default),
+    its 2 next-best siblings; ``+pl3``: up to 3 context drafts a round, ``+pl0``: none; unmarked: the default;
+    ``+margin``: the margin rollback rule),
     ``assisted(n=5, constant, c=0.4)``, ``assisted w=0.5`` (stock's ensemble weight), or the name."""
     if name == "bild" and params:
         k = params.get("fallback_candidates", DEFAULT_FALLBACK_CANDIDATES)
@@ -317,6 +329,8 @@ def default_label(name: str, params: dict) -> str:
         if params.get("prompt_lookup_num_tokens") is not None:  # context drafts: +pl<k>, /<n> for a non-default n-gram
             ngram = params.get("max_matching_ngram_size")
             checked += f"+pl{params['prompt_lookup_num_tokens']}" + (f"/{ngram}" if ngram else "")
+        if params.get("rollback_rule", DEFAULT_ROLLBACK_RULE) != DEFAULT_ROLLBACK_RULE:
+            checked += f"+{params['rollback_rule']}"
         return f"bild({params['fallback_threshold']:g}, {params['rollback_threshold']:g}, {params['max_draft_tokens']}{checked})"
     if name == "assisted" and params:
         parts = []
@@ -352,6 +366,14 @@ def parse_float_list(text: str, what: str) -> list[float]:
         raise ValueError(f"{what}: expected comma-separated numbers (inf allowed), got {text!r}.")
     return values
 
+
+
+def parse_rollback_rules(text: str) -> list[str]:
+    """``"nll,margin"`` -> ``["nll", "margin"]``; ValueError naming the rules on anything else."""
+    rules = [item.strip() for item in text.split(",") if item.strip()]
+    if not rules or any(rule not in ROLLBACK_RULES for rule in rules):
+        raise ValueError(f"--rollback-rule takes rules from {', '.join(ROLLBACK_RULES)}, comma-separated; got {text!r}.")
+    return rules
 
 def _positive_int(source: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bild.bench.bench_config import load_config, parse_float_list
+from bild.bench.bench_config import load_config, parse_float_list, parse_rollback_rules
 from bild.bench.calibration import (
     DEFAULT_CALIBRATION,
     DEFAULT_FALLBACKS,
@@ -17,6 +17,8 @@ from bild.bench.calibration import (
     make_grid,
 )
 from bild.bench.machine import add_machine_options
+from bild.config import DEFAULT_ROLLBACK_RULE
+from bild.policies import ROLLBACK_RULES
 from bild.schedule import AUTO
 
 
@@ -47,6 +49,9 @@ def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
     fallbacks, rollbacks = _join(DEFAULT_FALLBACKS), _join(DEFAULT_ROLLBACKS)
     sub.add_argument("--fallback", default=fallbacks, help=f"fallback thresholds ({fallbacks})")
     sub.add_argument("--rollback", default=rollbacks, help=f"rollback thresholds, inf allowed ({rollbacks}; 0: lossless)")
+    sub.add_argument("--rollback-rule", default=DEFAULT_ROLLBACK_RULE, help="what the rollback thresholds bound, "
+                     f"comma-separated from {', '.join(ROLLBACK_RULES)} (default {DEFAULT_ROLLBACK_RULE}; both: each "
+                     "threshold once per rule)")  # fmt: skip
     sub.add_argument("--max-draft-tokens", help="comma-separated caps, 'auto' allowed (default: the config's)")
     sub.add_argument("--speed", choices=SPEEDS, default="calls",
                      help="calls: model-call counts priced with bild.DraftCosts (default, deterministic); wall: wall "
@@ -80,7 +85,7 @@ def run_calibrate(args) -> int:
     )  # fmt: skip
     caps = parse_draft_caps(args.max_draft_tokens) if args.max_draft_tokens else config_draft_caps(config)
     fallbacks, rollbacks = parse_float_list(args.fallback, "--fallback"), parse_float_list(args.rollback, "--rollback")
-    grid = make_grid(fallbacks, rollbacks, caps)
+    grid = make_grid(fallbacks, rollbacks, caps, parse_rollback_rules(args.rollback_rule))
     weights = parse_float_list(args.ensemble_weight, "--ensemble-weight") if args.ensemble_weight else None
     out_dir = args.out or Path("runs") / f"{args.config.stem}-calibrate"
     result = calibrate(

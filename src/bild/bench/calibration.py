@@ -49,7 +49,7 @@ from bild.bench.plot import plot_fronts, plot_pareto
 from bild.bench.report import json_safe, write_results
 from bild.bench.running import run_bench
 from bild.bench.tasks import Example, Task, get_task
-from bild.config import DEFAULT_MAX_DRAFT_TOKENS, BildGenerationConfig
+from bild.config import DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_ROLLBACK_RULE, BildGenerationConfig
 from bild.schedule import DraftCosts
 
 AGREEMENT = "agreement"  # the budget statistic for data without references
@@ -401,12 +401,16 @@ def check_held_out_slice(held_dir: Path, first: int) -> None:
         )
 
 
-def make_grid(fallbacks: Sequence[float], rollbacks: Sequence[float],
-              max_draft_tokens: Sequence[int | str]) -> list[dict]:  # fmt: skip
-    """Every combination of the values, as BiLD settings dicts (fallback outermost, draft cap innermost)."""
+def make_grid(fallbacks: Sequence[float], rollbacks: Sequence[float], max_draft_tokens: Sequence[int | str],
+              rules: Sequence[str] = (DEFAULT_ROLLBACK_RULE,)) -> list[dict]:  # fmt: skip
+    """Every combination of the values, as BiLD settings dicts (fallback outermost, then rollback rule, rollback,
+    draft cap innermost); rollback 0 (lossless, whatever the rule) once, under the first rule; the paper's rule
+    unnamed."""
     return [
-        {"fallback_threshold": fallback, "rollback_threshold": rollback, "max_draft_tokens": cap}
-        for fallback, rollback, cap in itertools.product(fallbacks, rollbacks, max_draft_tokens)
+        {"fallback_threshold": fallback, **({} if rule == DEFAULT_ROLLBACK_RULE else {"rollback_rule": rule}),
+         "rollback_threshold": rollback, "max_draft_tokens": cap}  # fmt: skip
+        for fallback, rule, rollback, cap in itertools.product(fallbacks, rules, rollbacks, max_draft_tokens)
+        if rollback != 0 or rule == rules[0]
     ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from bild.bench.bench_config import (
     load_config,
     parse_float,
     parse_float_list,
+    parse_rollback_rules,
 )
 from bild.bench.calibrate_cli import add_calibrate_parser
 from bild.bench.loading import load_pair
@@ -36,9 +38,11 @@ from bild.config import (
     BILD_FIELDS,
     DEFAULT_FALLBACK_THRESHOLD,
     DEFAULT_MAX_DRAFT_TOKENS,
+    DEFAULT_ROLLBACK_RULE,
     DEFAULT_ROLLBACK_THRESHOLD,
     BildSettings,
 )
+from bild.policies import ROLLBACK_RULES
 
 DEFAULT_FALLBACKS = "0.3,0.5,0.7,0.9"
 DEFAULT_ROLLBACKS = "1,2,3,5,inf"
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--rollback", default=DEFAULT_ROLLBACKS, help=f"rollback thresholds ({DEFAULT_ROLLBACKS})"
     )
+    sweep.add_argument("--rollback-rule", default=DEFAULT_ROLLBACK_RULE, help="what the rollback thresholds bound, "
+                       f"comma-separated from {', '.join(ROLLBACK_RULES)} (default {DEFAULT_ROLLBACK_RULE}; both: "
+                       "each threshold once per rule)")  # fmt: skip
     sweep.add_argument("--max-draft-tokens", type=int, help="N for every grid point (default: the config's)")
     sweep.add_argument(
         "--ensemble-weight", help="stock assisted generation's lossy rule: each of the config's assisted methods "
@@ -187,7 +194,7 @@ def run_sweep(args) -> int:
     weights = parse_ensemble_weights(args.ensemble_weight) if args.ensemble_weight else ()
     methods = sweep_methods(config, parse_float_list(args.fallback, "--fallback"),
                             parse_float_list(args.rollback, "--rollback"), args.max_draft_tokens, weights,
-                            args.drafter)  # fmt: skip
+                            args.drafter, parse_rollback_rules(args.rollback_rule))  # fmt: skip
     config = config.replace(methods=methods)
     return _run_and_report(config, args, args.out or Path("runs") / f"{args.config.stem}-sweep", plot=True)
 
@@ -198,9 +205,11 @@ def parse_ensemble_weights(text: str) -> list[float]:
 
 
 def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: int | None,
-                  ensemble_weights=(), drafter: str | None = None) -> list:  # fmt: skip
+                  ensemble_weights=(), drafter: str | None = None, rules=(DEFAULT_ROLLBACK_RULE,)) -> list:  # fmt: skip
     """``large``, ``small``, the config's assisted entries (or stock defaults), each once per ensemble weight when
-    ``ensemble_weights`` are given, then the BiLD grid; ``drafter``: every drafting method drafts with it."""
+    ``ensemble_weights`` are given, then the BiLD grid (each rollback threshold once per rollback rule of ``rules``,
+    0 once);
+    ``drafter``: every drafting method drafts with it."""
     if drafter is not None and drafter not in config.drafters:
         names = sorted(config.drafters) or "none: add a `drafters:` entry to the config"
         raise ValueError(f"--drafter {drafter!r} is not one of the config's drafters ({names}).")
@@ -218,12 +227,14 @@ def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: i
         configured = [spec.params["max_draft_tokens"] for spec in config.methods if spec.name == "bild"]
         max_draft_tokens = configured[0] if configured else None
     grid = []
-    for fallback in fallbacks:
-        for rollback in rollbacks:
-            entry = {"name": "bild", "fallback_threshold": fallback, "rollback_threshold": rollback, **uses}
-            if max_draft_tokens is not None:
-                entry["max_draft_tokens"] = max_draft_tokens
-            grid.append(entry)
+    for fallback, rule, rollback in itertools.product(fallbacks, rules, rollbacks):
+        if rollback == 0 and rule != rules[0]:
+            continue  # lossless whatever the rule: once
+        entry = {"name": "bild", "fallback_threshold": fallback, "rollback_rule": rule, "rollback_threshold": rollback,
+                 **uses}  # fmt: skip
+        if max_draft_tokens is not None:
+            entry["max_draft_tokens"] = max_draft_tokens
+        grid.append(entry)
     return [MethodSpec("large"), MethodSpec("small", drafter=drafter), *entries, *grid]
 
 
