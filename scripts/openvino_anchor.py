@@ -41,7 +41,7 @@ def export(model_dir: Path, out: Path, weight_format: str) -> Path:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=CACHE / "models")
     parser.add_argument("--large", default="qwen2.5-coder-1.5b-instruct")
@@ -52,8 +52,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-assistant-tokens", default="5,10", help="comma-separated draft lengths to time")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main() -> None:
+    args = parse_args()
     import openvino_genai as ov_genai  # the anchor's own venv only
 
     large_dir = export(args.models / args.large, args.export_dir / f"{args.large}-fp16", "fp16")
