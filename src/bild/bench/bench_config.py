@@ -18,7 +18,7 @@ from bild.config import (
     DEFAULT_ROLLBACK_RULE,
     BildSettings,
     is_real,
-)  # fmt: skip
+)
 from bild.drafters import QUANTIZATIONS
 from bild.policies import ROLLBACK_RULES
 from bild.schedule import AUTO
@@ -367,13 +367,13 @@ def parse_float_list(text: str, what: str) -> list[float]:
     return values
 
 
-
 def parse_rollback_rules(text: str) -> list[str]:
     """``"nll,margin"`` -> ``["nll", "margin"]``; ValueError naming the rules on anything else."""
     rules = [item.strip() for item in text.split(",") if item.strip()]
     if not rules or any(rule not in ROLLBACK_RULES for rule in rules):
         raise ValueError(f"--rollback-rule takes rules from {', '.join(ROLLBACK_RULES)}, comma-separated; got {text!r}.")
     return rules
+
 
 def _positive_int(source: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -207,8 +207,7 @@ def parse_ensemble_weights(text: str) -> list[float]:
 def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: int | None,
                   ensemble_weights=(), drafter: str | None = None, rules=(DEFAULT_ROLLBACK_RULE,)) -> list:  # fmt: skip
     """``large``, ``small``, the config's assisted entries (or stock defaults), each once per ensemble weight when
-    ``ensemble_weights`` are given, then the BiLD grid (each rollback threshold once per rollback rule of ``rules``,
-    0 once);
+    ``ensemble_weights`` are given, then the BiLD grid (each rollback threshold once per rule of ``rules``, 0 once);
     ``drafter``: every drafting method drafts with it."""
     if drafter is not None and drafter not in config.drafters:
         names = sorted(config.drafters) or "none: add a `drafters:` entry to the config"
