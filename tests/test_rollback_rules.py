@@ -37,7 +37,7 @@ def rollback(rows: list[list[float]], threshold: float, rule: str) -> int:
 
 
 def test_margin_measures_from_the_top_token_nll_from_certainty():
-    scores = {rule: draft_scores(torch.tensor([[UNSURE, SURE]]).log(), torch.ones(1, 2, dtype=torch.long), rule)
+    scores = {rule: draft_scores(torch.tensor([[UNSURE, SURE]]).log(), torch.ones(1, 2, dtype=torch.long), rule, True)
               for rule in ("nll", "margin")}  # fmt: skip
     assert scores["nll"][0].tolist() == pytest.approx([-math.log(0.35), -math.log(0.05)])
     assert scores["margin"][0].tolist() == pytest.approx([math.log(0.40 / 0.35), math.log(0.90 / 0.05)])

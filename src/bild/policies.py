@@ -51,7 +51,7 @@ def find_rollback(
     is_real = torch.arange(k, device=draft_ids.device) < n_drafted[:, None]  # [B, k]
     is_bad = is_real & (draft_ids != target_ids[:, :k])  # [B, k]
     if rollback_threshold > 0:  # 0: lossless under either rule, exact ties included
-        is_bad &= draft_scores(target_logprobs[:, :k], draft_ids, rule) > rollback_threshold
+        is_bad &= draft_scores(target_logprobs[:, :k], draft_ids, rule, are_logprobs=True) > rollback_threshold
     is_rollback = is_bad.any(dim=-1)
     first_bad = is_bad.int().argmax(dim=-1)  # 0 where nothing is bad, masked below
     n_accepted = torch.where(is_rollback, first_bad, n_drafted)
@@ -98,7 +98,7 @@ def find_rollback_sampled(
         u = torch.rand(p_drafts.shape, generator=generator, device=p_drafts.device)
         is_bad = is_real & (u * q_drafts > p_drafts)  # reject unless u <= p / q
     else:
-        is_bad = is_real & (draft_scores(target_probs[:, :k].log(), draft_ids, rule) > rollback_threshold)
+        is_bad = is_real & (draft_scores(target_probs[:, :k], draft_ids, rule, are_logprobs=False) > rollback_threshold)
     is_rollback = is_bad.any(dim=-1)
     first_bad = is_bad.int().argmax(dim=-1) if k > 0 else n_drafted  # k == 0: every row fell back at once
     n_accepted = torch.where(is_rollback, first_bad, n_drafted)
@@ -113,7 +113,7 @@ def find_rollback_sampled(
     return n_accepted, is_rollback, next_ids
 
 
-def draft_scores(target_logprobs: torch.Tensor, draft_ids: torch.Tensor, rule: str) -> torch.Tensor:
+def draft_scores(target: torch.Tensor, draft_ids: torch.Tensor, rule: str, are_logprobs: bool) -> torch.Tensor:
     """`(batch_size, k)` how implausible the large model finds each draft, the score alpha_RB bounds.
 
     ``"nll"`` (the paper's): the draft's cross-entropy, ``-log p(d)``. ``"margin"``: how far its log-probability
@@ -121,13 +121,15 @@ def draft_scores(target_logprobs: torch.Tensor, draft_ids: torch.Tensor, rule: s
     its top token, looser where it is not (a draft nearly as likely as the top one stays, however flat ``p``).
 
     Args:
-        target_logprobs: `(batch_size, k, vocab_size)` the large model's log-probabilities at the drafts.
+        target: `(batch_size, k, vocab_size)` the large model's log-probabilities (``are_logprobs``) or
+            probabilities at the drafts; of probabilities only the few that matter are logged.
         draft_ids: `(batch_size, k)`.
     """
-    logprobs = target_logprobs.gather(-1, draft_ids[..., None]).squeeze(-1)  # [B, k]
-    if rule == MARGIN:
-        return target_logprobs.max(dim=-1).values - logprobs
-    return -logprobs
+    at_drafts = target.gather(-1, draft_ids[..., None]).squeeze(-1)  # [B, k]
+    top = target.max(dim=-1).values if rule == MARGIN else None  # [B, k]
+    if not are_logprobs:  # log is monotone: the log of the top probability is the top log-probability
+        at_drafts, top = at_drafts.log(), None if top is None else top.log()
+    return -at_drafts if top is None else top - at_drafts
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
