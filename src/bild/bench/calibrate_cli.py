@@ -49,9 +49,7 @@ def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
     fallbacks, rollbacks = _join(DEFAULT_FALLBACKS), _join(DEFAULT_ROLLBACKS)
     sub.add_argument("--fallback", default=fallbacks, help=f"fallback thresholds ({fallbacks})")
     sub.add_argument("--rollback", default=rollbacks, help=f"rollback thresholds, inf allowed ({rollbacks}; 0: lossless)")
-    sub.add_argument("--rollback-rule", default=DEFAULT_ROLLBACK_RULE, help="what the rollback thresholds bound, "
-                     f"comma-separated from {', '.join(ROLLBACK_RULES)} (default {DEFAULT_ROLLBACK_RULE}; both: each "
-                     "threshold once per rule)")  # fmt: skip
+    add_rollback_rule_option(sub)
     sub.add_argument("--max-draft-tokens", help="comma-separated caps, 'auto' allowed (default: the config's)")
     sub.add_argument("--speed", choices=SPEEDS, default="calls",
                      help="calls: model-call counts priced with bild.DraftCosts (default, deterministic); wall: wall "
@@ -75,6 +73,14 @@ def add_calibrate_parser(verbs) -> argparse.ArgumentParser:
     add_machine_options(sub, defaults=False)
     sub.set_defaults(run=run_calibrate)
     return sub
+
+
+def add_rollback_rule_option(parser: argparse.ArgumentParser) -> None:
+    """``--rollback-rule`` of `bild calibrate` and `bild sweep`: the rules to try each rollback threshold under
+    (read by `parse_rollback_rules`)."""
+    parser.add_argument("--rollback-rule", default=DEFAULT_ROLLBACK_RULE,
+                        help=f"what the rollback thresholds bound, comma-separated from {', '.join(ROLLBACK_RULES)} "
+                        f"(default {DEFAULT_ROLLBACK_RULE}; both: each threshold once per rule)")  # fmt: skip
 
 
 def run_calibrate(args) -> int:

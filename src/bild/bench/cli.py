@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import sys
 from pathlib import Path
 
@@ -25,7 +24,8 @@ from bild.bench.bench_config import (
     parse_float_list,
     parse_rollback_rules,
 )
-from bild.bench.calibrate_cli import add_calibrate_parser
+from bild.bench.calibrate_cli import add_calibrate_parser, add_rollback_rule_option
+from bild.bench.calibration import make_grid
 from bild.bench.loading import load_pair
 from bild.bench.machine import add_machine_options, clock, resolve_device, resolve_dtype
 from bild.bench.methods import greedy_kwargs, new_token_ids
@@ -42,7 +42,6 @@ from bild.config import (
     DEFAULT_ROLLBACK_THRESHOLD,
     BildSettings,
 )
-from bild.policies import ROLLBACK_RULES
 
 DEFAULT_FALLBACKS = "0.3,0.5,0.7,0.9"
 DEFAULT_ROLLBACKS = "1,2,3,5,inf"
@@ -82,9 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--rollback", default=DEFAULT_ROLLBACKS, help=f"rollback thresholds ({DEFAULT_ROLLBACKS})"
     )
-    sweep.add_argument("--rollback-rule", default=DEFAULT_ROLLBACK_RULE, help="what the rollback thresholds bound, "
-                       f"comma-separated from {', '.join(ROLLBACK_RULES)} (default {DEFAULT_ROLLBACK_RULE}; both: "
-                       "each threshold once per rule)")  # fmt: skip
+    add_rollback_rule_option(sweep)
     sweep.add_argument("--max-draft-tokens", type=int, help="N for every grid point (default: the config's)")
     sweep.add_argument(
         "--ensemble-weight", help="stock assisted generation's lossy rule: each of the config's assisted methods "
@@ -225,15 +222,9 @@ def sweep_methods(config: BenchConfig, fallbacks, rollbacks, max_draft_tokens: i
     if max_draft_tokens is None:
         configured = [spec.params["max_draft_tokens"] for spec in config.methods if spec.name == "bild"]
         max_draft_tokens = configured[0] if configured else None
-    grid = []
-    for fallback, rule, rollback in itertools.product(fallbacks, rules, rollbacks):
-        if rollback == 0 and rule != rules[0]:
-            continue  # lossless whatever the rule: once
-        entry = {"name": "bild", "fallback_threshold": fallback, "rollback_rule": rule, "rollback_threshold": rollback,
-                 **uses}  # fmt: skip
-        if max_draft_tokens is not None:
-            entry["max_draft_tokens"] = max_draft_tokens
-        grid.append(entry)
+    # max_draft_tokens None: the core default, left unset
+    grid = [{"name": "bild", **{k: v for k, v in settings.items() if v is not None}, **uses}
+            for settings in make_grid(fallbacks, rollbacks, [max_draft_tokens], rules)]  # fmt: skip
     return [MethodSpec("large"), MethodSpec("small", drafter=drafter), *entries, *grid]
 
 
