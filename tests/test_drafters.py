@@ -17,6 +17,7 @@ from bild.drafters import (
     Int4Linear,
     Int8Linear,
     PrunedHead,
+    concatenated,
     draft_vocabulary,
     reading_text,
 )
@@ -310,6 +311,26 @@ def test_int4_linear_error_bound(dtype):
     exact = x.float() @ linear.weight.float().T + linear.bias.float()
     bound = rounding_bound(x, linear.weight.float(), out, half_steps * 1.05)  # scales and zeros are rounded too
     assert ((out.float() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_concatenated_layers_give_the_parts_outputs_bit_for_bit(kind, dtype):
+    """q, k and v projections stacked into one packed layer: the same numbers as the three layers' outputs side by
+    side, for a step and for a chunk; layers quantized differently are not stacked."""
+    torch.manual_seed(0)
+    parts = [kind.from_linear(nn.Linear(64, n).to(dtype)) for n in (64, 32, 32)]
+    fused = concatenated(parts)
+    assert type(fused) is kind and fused.out_features == 128 and fused.dense is None
+    for x in (torch.randn(1, 1, 64, dtype=dtype), torch.randn(2, 5, 64, dtype=dtype)):
+        assert torch.equal(fused(x), torch.cat([part(x) for part in parts], dim=-1))
+    no_bias = kind.from_linear(nn.Linear(64, 32, bias=False).to(dtype))
+    assert concatenated([parts[0], no_bias]) is None
+    other = Int8Linear if kind is Int4Linear else Int4Linear
+    assert concatenated([parts[0], other.from_linear(nn.Linear(64, 32).to(dtype))]) is None
+    assert concatenated([parts[0], nn.Linear(64, 32).to(dtype)]) is None
+    if kind is Int4Linear:
+        assert concatenated([parts[0], Int4Linear.from_linear(nn.Linear(64, 32).to(dtype), group_size=64)]) is None
 
 
 @pytest.mark.parametrize("quantization,tolerance", [("int8", 0.03), ("int4", 0.25)])

@@ -8,10 +8,13 @@ must compile once per batch shape (one for a batch of one, one for larger ones) 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
 from conftest import EOS, PAD, left_pad, prompts
+from torch import nn
 from transformers import (
     DynamicCache,
     GPT2Config,
@@ -28,7 +31,9 @@ from transformers import (
 
 import bild
 from bild.compat import cache_kwarg
-from bild.lean import LeanForward, keep_own_forward, lean_forward, lean_obstacle
+from bild.lean import LeanForward, drafter_forward, keep_own_forward, lean_forward, lean_obstacle
+from bild.schedule import DraftCosts
+from bild.timing import forward_ms
 
 VOCAB = 48
 SIZES = dict(
@@ -83,6 +88,57 @@ def test_lean_logits_and_cache_equal_the_models_own(name):
         assert got.shape == (3, 1, VOCAB)
 
 
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_compressed_drafter_steps_through_fused_projections(name, quantization):
+    """A compressed drafter's one-token steps run q, k and v as one packed layer (and rotate queries and keys
+    together where no per-head norm sits between): logits and cache as the model's own forward's; a chunk as long
+    as the dense prefill threshold takes the parts' own path; replacing a projection makes the fusion again."""
+    model = bild.compress_drafter(family(name), quantization, vocab_size=None)
+    lean = LeanForward(len(model.model.layers))
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))  # past the dense threshold
+    ours, theirs = DynamicCache(), DynamicCache()
+    with torch.no_grad():
+        steps = [(ids, torch.arange(20)[None])] + [(torch.tensor([[t]]), torch.tensor([[20 + t]])) for t in range(4)]
+        for step_ids, pos in steps:
+            got = lean(model, step_ids, None, pos, ours)
+            want = model_forward(model, step_ids, None, pos, theirs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(ours.layers, theirs.layers, strict=True):
+            torch.testing.assert_close(a.keys, b.keys)
+            torch.testing.assert_close(a.values, b.values)
+    fused = lean.fused_qkv(model.model)
+    assert all(f is not None and f.features == (32, 16, 16) for f in fused)
+    assert fused[0].below_rows == model.model.layers[0].self_attn.q_proj.dense_from_rows
+    model.model.layers[0].self_attn.q_proj = nn.Linear(32, 32)
+    assert lean.fused_qkv(model.model)[0] is None and lean.fused_qkv(model.model)[1] is not None
+    assert all(f is None for f in LeanForward(2).fused_qkv(family(name).model))  # dense projections stay apart
+
+
+def test_costs_time_the_drafter_as_the_loop_runs_it(causal_pair, tmp_path, monkeypatch):
+    """The pair's measured costs time a drafter by the forward bild's loop gives it (lean, compiled or its own), and
+    store that in their key, so costs measured one way are not read for another."""
+    monkeypatch.setenv("BILD_HOME", str(tmp_path))
+    large, small = causal_pair
+    drafter, own = copy.deepcopy(small), keep_own_forward(copy.deepcopy(small))
+    lean_runs, own_runs = [], []
+    handle = lean_forward(drafter).register_hooks(lambda: lean_runs.append(1), lambda: None)
+    hook = drafter.register_forward_hook(lambda *args: own_runs.append(1))
+    try:
+        forward_ms(drafter, context=8, n_new=2, repeats=2, as_drafter=True)
+        assert (len(lean_runs), len(own_runs)) == (4, 0)  # the context, a warm-up and 2 timed
+        forward_ms(drafter, context=8, n_new=2, repeats=2)
+        assert (len(lean_runs), len(own_runs)) == (4, 4)
+    finally:
+        handle.remove()
+        hook.remove()
+    assert (drafter_forward(drafter), drafter_forward(own)) == ("lean", "own")
+    DraftCosts.for_pair(large, drafter)
+    DraftCosts.for_pair(large, own)
+    keys = [json.loads(path.read_text())["key"]["small_forward"] for path in (tmp_path / "fit").glob("costs-*.json")]
+    assert sorted(keys) == ["lean", "own"]
+
+
 def test_obstacles():
     assert lean_obstacle(family("qwen2")) is None
     assert "sliding" in lean_obstacle(family("mistral", sliding_window=16))
@@ -118,7 +174,10 @@ def test_the_loop_with_and_without_the_lean_forward(causal_pair, batch):
     large, small = causal_pair
     own = keep_own_forward(copy.deepcopy(small))
     assert lean_forward(own) is None and lean_forward(small) is not None
-    settings = dict(fallback_threshold=0.5, rollback_threshold=1.0, max_draft_tokens=6, fallback_candidates=0)
+    # the same costs for both: measured ones time each drafter by its own forward kind, so they differ by noise
+    costs = dataclasses.asdict(DraftCosts.estimate(large, small))
+    settings = dict(fallback_threshold=0.5, rollback_threshold=1.0, max_draft_tokens=6, fallback_candidates=0,
+                    draft_costs=costs)  # fmt: skip
     lean_sequences, lean_stats = run_bild((large, small), batch, **settings)
     sequences, stats = run_bild((large, own), batch, **settings)
     torch.testing.assert_close(lean_sequences, sequences)

@@ -6,9 +6,10 @@ tensor operations and the Python around them (mask building, attention dispatch,
 Llama family (Llama, Qwen2, Qwen3, Mistral without a sliding window) `LeanForward` writes the decoder out
 (embedding, RMSNorm, rotary attention over the KV cache, SwiGLU), calling the model's own modules (quantized or
 kernel-fitted linear layers, norms, the rotary embedding, the pruned output layer) and its own `DynamicCache`, so
-its logits are the model's (tests/test_lean.py), at about 37 ms per step. `compile_drafter` further compiles the
-one-token step with `torch.compile` (dynamic shapes: one graph for a batch of one, one for larger batches, whatever
-the cache length), at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and about 20 s in a later
+its logits are the model's (tests/test_lean.py), at about 37 ms per step. A quantized drafter's q, k and v
+projections run as one packed matmul there (`FusedQKV`, the same numbers bit for bit). `compile_drafter` further
+compiles the one-token step with `torch.compile` (dynamic shapes: one graph for a batch of one, one for larger
+batches, whatever the cache length), at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and about 20 s in a later
 process, which finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The drafter's step").
 
 bild's loop uses the lean forward for the small model wherever it applies (`lean_obstacle` says why not elsewhere),
@@ -17,9 +18,11 @@ except for a verification with sibling candidates (a tree mask), which runs the 
 
 from __future__ import annotations
 
+import math
 import shutil
 import weakref
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
 from .compat import cache_past, store_past
+from .drafters import concatenated
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # each model's LeanForward, kept across generate() calls (its compiled step too), not in the model (not deep-copied)
@@ -76,6 +80,12 @@ def lean_forward(model: nn.Module) -> LeanForward | None:
     return lean
 
 
+def drafter_forward(model: nn.Module) -> str:
+    """How bild's loop runs ``model`` as its drafter: "compiled" (`compile_drafter`), "lean" or "own"."""
+    lean = lean_forward(model)
+    return "own" if lean is None else "lean" if lean.compiled_step is None else "compiled"
+
+
 def keep_own_forward(model: nn.Module) -> nn.Module:
     """Run ``model`` in bild's loop by its own forward, not the lean one (to compare the two, or to rule the lean one
     out when a model misbehaves). Returns ``model``."""
@@ -112,6 +122,8 @@ class LeanForward:
         self.n_layers = n_layers
         self.compiled_step = None  # torch.compile'd `decoder_step` for one-token chunks, after `compile`
         self.n_compiled_steps = 0
+        self._qkv: list[FusedQKV | None] = []  # each layer's q, k and v projections as one layer: `fused_qkv`
+        self._made: list[tuple[nn.Module, ...]] = []  # the projections `_qkv` was made from
         self._hooks: OrderedDict[int, tuple] = OrderedDict()  # (before, after) around each run: `register_hooks`
 
     def register_hooks(self, before, after) -> RemovableHandle:
@@ -123,6 +135,15 @@ class LeanForward:
 
     def compile(self, backend="inductor") -> None:
         self.compiled_step = torch.compile(decoder_step, dynamic=True, backend=backend)
+
+    def fused_qkv(self, inner: nn.Module) -> list[FusedQKV | None]:
+        """Each layer's `FusedQKV` (None where its projections are not quantized alike), made again whenever a
+        layer's projections were replaced (e.g. by `bild.fit_kernels` after the first step)."""
+        projections = [(attn.q_proj, attn.k_proj, attn.v_proj) for attn in (layer.self_attn for layer in inner.layers)]
+        if projections != self._made:  # modules compare by identity
+            self._qkv = [FusedQKV.of(*parts) for parts in projections]
+            self._made = projections
+        return self._qkv
 
     def __call__(
         self, model: PreTrainedModel, input_ids: torch.Tensor, visible: torch.Tensor | None,
@@ -140,15 +161,19 @@ class LeanForward:
         for before, _ in list(self._hooks.values()):
             before()
         inner = model.model
+        qkv = self.fused_qkv(inner)
         if self.compiled_step is not None and input_ids.shape[1] == 1 and all(p is not None for p in past):
             if visible is None:  # one graph per batch size: the mask is always given
                 visible = torch.ones(input_ids.shape[0], past[0][0].shape[2] + 1, dtype=torch.bool,
                                      device=input_ids.device)  # fmt: skip
             past = [(keys.contiguous(), values.contiguous()) for keys, values in past]  # a cropped cache is a view
-            hidden, keys, values = self.compiled_step(inner, input_ids, position_ids, visible.bool(), past)
+            # fresh ids and positions: a view's guards read its base, so a slice would compile another graph
+            input_ids, position_ids = (t.clone(memory_format=torch.contiguous_format)
+                                       for t in (input_ids, position_ids))  # fmt: skip
+            hidden, keys, values = self.compiled_step(inner, input_ids, position_ids, visible.bool(), past, qkv)
             self.n_compiled_steps += 1
         else:
-            hidden, keys, values = decoder_step(inner, input_ids, position_ids, visible, past)
+            hidden, keys, values = decoder_step(inner, input_ids, position_ids, visible, past, qkv)
         for i in range(self.n_layers):
             store_past(cache, i, keys[i], values[i])
         if logits_to_keep:
@@ -159,30 +184,60 @@ class LeanForward:
         return logits
 
 
+class FusedQKV(NamedTuple):
+    """A layer's q, k and v projections as one quantized layer (`bild.drafters.concatenated`; for the int4 Qwen2.5
+    0.5B drafter 15 MB more), for fewer rows than ``below_rows`` (where the parts hand longer inputs to their dense
+    weights), with each part's output features to split by."""
+
+    layer: nn.Module
+    below_rows: float
+    features: tuple[int, int, int]  # q, k, v output features
+
+    @classmethod
+    def of(cls, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> FusedQKV | None:
+        layer = concatenated([q_proj, k_proj, v_proj])
+        if layer is None:
+            return None
+        below = min((part.dense_from_rows for part in (q_proj, k_proj, v_proj) if part.dense is not None),
+                    default=math.inf)  # fmt: skip
+        return cls(layer, below, (q_proj.out_features, k_proj.out_features, v_proj.out_features))
+
+
 def decoder_step(
     inner: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor | None,
-    past: list[tuple[torch.Tensor, torch.Tensor] | None],
+    past: list[tuple[torch.Tensor, torch.Tensor] | None], qkv: list[FusedQKV | None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
     """The decoder ``inner`` (``model.model``) over a chunk: the final-normed hidden states `(batch_size, L, D)` and
-    every layer's keys and values, the cached ``past`` ones followed by the chunk's."""
+    every layer's keys and values, the cached ``past`` ones followed by the chunk's. ``qkv``: each layer's fused
+    projections (`LeanForward.fused_qkv`), used where given and the chunk is short enough."""
     hidden = inner.embed_tokens(input_ids)  # [B, L, D]
     cos, sin = inner.rotary_emb(hidden, position_ids)  # [B, L, head_dim]
     cos, sin = cos[:, None], sin[:, None]
     n_past = 0 if past[0] is None else past[0][0].shape[2]
     mask = attention_mask(visible, n_past, input_ids.shape[1])
     keys, values = [], []
-    for layer, layer_past in zip(inner.layers, past, strict=True):
+    batch_size, length = input_ids.shape
+    for i, (layer, layer_past) in enumerate(zip(inner.layers, past, strict=True)):
         attn = layer.self_attn
-        batch_size, length = hidden.shape[:2]
         heads = (batch_size, length, -1, attn.head_dim)
         x = layer.input_layernorm(hidden)
-        query, key = attn.q_proj(x).view(heads), attn.k_proj(x).view(heads)
-        if hasattr(attn, "q_norm"):  # Qwen3: an RMSNorm over each head
-            query, key = attn.q_norm(query), attn.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, H, L, head_dim]
-        value = attn.v_proj(x).view(heads).transpose(1, 2)
-        query = query * cos + rotate_half(query) * sin
-        key = key * cos + rotate_half(key) * sin
+        fused = qkv[i] if qkv else None
+        if fused is not None and batch_size * length < fused.below_rows:
+            n_q, n_k, _ = (n // attn.head_dim for n in fused.features)
+            out = fused.layer(x).view(heads).transpose(1, 2)  # [B, Hq + Hk + Hv, L, head_dim]
+            value = out[:, n_q + n_k :]
+            if hasattr(attn, "q_norm"):
+                query, key = attn.q_norm(out[:, :n_q]), attn.k_norm(out[:, n_q : n_q + n_k])
+                query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+            else:  # one rotation for the queries and keys together
+                rotated = rotate(out[:, : n_q + n_k], cos, sin)
+                query, key = rotated[:, :n_q], rotated[:, n_q:]
+        else:
+            query, key = attn.q_proj(x).view(heads), attn.k_proj(x).view(heads)
+            if hasattr(attn, "q_norm"):  # Qwen3: an RMSNorm over each head
+                query, key = attn.q_norm(query), attn.k_norm(key)
+            query, key = rotate(query.transpose(1, 2), cos, sin), rotate(key.transpose(1, 2), cos, sin)
+            value = attn.v_proj(x).view(heads).transpose(1, 2)  # [B, H, L, head_dim]
         if layer_past is not None:
             key, value = torch.cat([layer_past[0], key], dim=2), torch.cat([layer_past[1], value], dim=2)
         keys.append(key)
@@ -211,6 +266,11 @@ def attention_mask(visible: torch.Tensor | None, n_past: int, length: int) -> to
     if visible is not None:
         allowed = (allowed[None] & visible.bool()[:, None, :]) | (columns[None, None, :] == rows[None, :, None])
     return allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` `(batch_size, H, L, head_dim)`."""
+    return x * cos + rotate_half(x) * sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel
 
 from .home import fit_file, write_json
 from .kernels import PackedLinear, model_fingerprint
+from .lean import drafter_forward
 from .timing import forward_ms, machine_key
 
 logger = logging.getLogger(__name__)
@@ -102,10 +103,11 @@ class DraftCosts:
     @classmethod
     def measure(cls, large: PreTrainedModel, small: PreTrainedModel, context: int = 128, repeats: int = 5,
                 tokens: tuple[int, ...] = PROFILE_TOKENS) -> DraftCosts:  # fmt: skip
-        """Time one forward of each model by tokens fed, after ``context`` cached tokens (median of ``repeats``)."""
-        with torch.inference_mode():
+        """Time one forward of each model by tokens fed, after ``context`` cached tokens (median of ``repeats``), the
+        small one as bild's loop runs it (by its lean forward where that applies)."""
+        with torch.no_grad():  # as generate() runs (inference mode would make a compiled drafter compile again)
             large_ms = {n: forward_ms(large, context, n, repeats) for n in tokens}
-            small_ms = {n: forward_ms(small, context, n, repeats) for n in tokens}
+            small_ms = {n: forward_ms(small, context, n, repeats, as_drafter=True) for n in tokens}
         return cls.from_ms(small_ms, large_ms)
 
     @classmethod
@@ -119,7 +121,8 @@ class DraftCosts:
         """
         if hasattr(small, "bild_decoders"):
             return cls.estimate(large, small)
-        key = {"large": model_fingerprint(large), "small": model_fingerprint(small), "machine": machine_key(large)}
+        key = {"large": model_fingerprint(large), "small": model_fingerprint(small), "machine": machine_key(large),
+               "small_forward": drafter_forward(small)}  # fmt: skip
         path = fit_file("costs", key)
         if path.is_file():
             try:

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .compat import cache_kwarg, crop_cache, keep_recurrent_states, new_cache
+from .lean import lean_forward
 
 
 def machine_key(model: nn.Module) -> dict:
@@ -36,10 +37,11 @@ def machine_key(model: nn.Module) -> dict:
     return key
 
 
-def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int) -> float:
+def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int, as_drafter: bool = False) -> float:
     """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens.
 
-    The context is fed once; after each timed forward the cache is cropped back to it.
+    The context is fed once; after each timed forward the cache is cropped back to it. ``as_drafter``: run it as
+    bild's loop runs a drafter, by its lean forward (compiled one-token step included) where that applies.
     """
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0))
@@ -48,18 +50,23 @@ def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int) -
     if model.config.is_encoder_decoder:  # the encoder runs once per generate(): not part of a step
         extra["encoder_outputs"] = model.get_encoder()(input_ids=ids[:, :context], return_dict=True)
     cache = new_cache(model)
-    _feed(model, ids[:, :context], cache, extra)
+    lean = lean_forward(model) if as_drafter else None
+    _feed(model, ids[:, :context], cache, extra, lean)
     keep_recurrent_states(cache, n_new + 1)  # recurrent layers can go back before the timed tokens
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         start = _clock(model.device)
-        _feed(model, ids[:, context:], cache, extra)
+        _feed(model, ids[:, context:], cache, extra, lean, first=context)
         times.append(1000 * (_clock(model.device) - start))
         crop_cache(cache, n_new)
     return statistics.median(times[1:])
 
 
-def _feed(model: PreTrainedModel, ids: torch.Tensor, cache, extra: dict) -> None:
+def _feed(model: PreTrainedModel, ids: torch.Tensor, cache, extra: dict, lean=None, first: int = 0) -> None:
+    if lean is not None:
+        positions = torch.arange(first, first + ids.shape[1], device=ids.device)[None]
+        if lean(model, ids, None, positions, cache) is not None:
+            return
     name = "decoder_input_ids" if model.config.is_encoder_decoder else "input_ids"
     model(**{name: ids, cache_kwarg(model): cache}, **extra, use_cache=True)
 
