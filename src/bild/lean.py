@@ -9,8 +9,9 @@ kernel-fitted linear layers, norms, the rotary embedding, the pruned output laye
 its logits are the model's (tests/test_lean.py), at about 37 ms per step. A quantized drafter's q, k and v
 projections run as one packed matmul there (`FusedQKV`, the same numbers bit for bit). `compile_drafter` further
 compiles the one-token step with `torch.compile` (dynamic shapes: one graph for a batch of one, one for larger
-batches, whatever the cache length), at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and about 20 s in a later
-process, which finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The drafter's step").
+batches, whatever the cache length), at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and
+about 20 s in a later process, which finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The
+drafter's step").
 
 bild's loop uses the lean forward for the small model wherever it applies (`lean_obstacle` says why not elsewhere),
 except for a verification with sibling candidates (a tree mask), which runs the model's own forward.
@@ -186,8 +187,8 @@ class LeanForward:
 
 class FusedQKV(NamedTuple):
     """A layer's q, k and v projections as one quantized layer (`bild.drafters.concatenated`; for the int4 Qwen2.5
-    0.5B drafter 15 MB more), for fewer rows than ``below_rows`` (where the parts hand longer inputs to their dense
-    weights), with each part's output features to split by."""
+    0.5B drafter 15 MB more, made on its first step in 0.4 s), for fewer rows than ``below_rows`` (where the parts
+    hand longer inputs to their dense weights), with each part's output features to split by."""
 
     layer: nn.Module
     below_rows: float
