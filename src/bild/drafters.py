@@ -146,12 +146,17 @@ class Int8Linear(DensePrefill):
         _require_op("_weight_int8pack_mm")
         return cls(q, scales, bias)
 
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        """The dtype the packed kernel computes in (its scales')."""
+        return self.scales.dtype
+
     def dequantized(self) -> torch.Tensor:
         """`(out_features, in_features)` float32 weights this layer multiplies by."""
         return self.weight.float() * self.scales.float()[:, None]
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()  # [M, K]
+        x2 = x.reshape(-1, self.in_features).to(self.kernel_dtype).contiguous()  # [M, K]
         out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)  # [M, N]
         if self.bias is not None:
             out += self.bias
@@ -198,18 +203,23 @@ class Int4Linear(DensePrefill):
         _require_op("_weight_int4pack_mm_for_cpu")
         return cls(packed, scales_and_zeros, bias, group_size)
 
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        """The dtype the packed kernel computes in (its scales' and zeros')."""
+        return self.scales_and_zeros.dtype
+
     def int4_values(self) -> torch.Tensor:
         """`(out_features, in_features)` int32 ``q`` in [0, 15], read back through the kernel itself (the packed
         layout is the kernel's own and varies with the CPU's vector width): the identity times ``q`` with scale 1
         and zero 8, exact in any float type."""
-        dtype = self.scales_and_zeros.dtype
+        dtype = self.kernel_dtype
         ones = torch.tensor([1.0, 8.0], dtype=dtype).expand(*self.scales_and_zeros.shape).contiguous()
         eye = torch.eye(self.in_features, dtype=dtype)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return mm(eye, self.packed_weight, self.group_size, ones).T.round().to(torch.int32)  # [N, K]
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype).contiguous()  # [M, K]
+        x2 = x.reshape(-1, self.in_features).to(self.kernel_dtype).contiguous()  # [M, K]
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         out = mm(x2, self.packed_weight, self.group_size, self.scales_and_zeros).to(x.dtype)  # [M, N]
         if self.bias is not None:
@@ -225,20 +235,16 @@ def concatenated(layers: list[nn.Module]) -> DensePrefill | None:
     an `Int4Linear` (one group size) or every one an `Int8Linear`, all with one kernel dtype and input size, and
     all with a bias or none. The result copies the parts' weights and has no dense ones: feed it fewer rows than
     the parts' `dense_from_rows`."""
-    kinds = {(type(layer), getattr(layer, "group_size", None), layer.in_features, layer.bias is None)
-             for layer in layers}  # fmt: skip
+    kinds = {(type(layer), getattr(layer, "group_size", None), getattr(layer, "kernel_dtype", None), layer.in_features,
+              layer.bias is None) for layer in layers}  # fmt: skip
     if len(kinds) != 1 or next(iter(kinds))[0] not in (Int4Linear, Int8Linear):
         return None
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     if isinstance(layers[0], Int4Linear):
-        if len({layer.scales_and_zeros.dtype for layer in layers}) != 1:
-            return None
         pack = _require_op("_convert_weight_to_int4pack_for_cpu")
         packed = pack(torch.cat([layer.int4_values() for layer in layers]), 1)  # [N, K/2]
         scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)  # [G, N, 2]
         return Int4Linear(packed, scales_and_zeros, bias, layers[0].group_size)
-    if len({layer.scales.dtype for layer in layers}) != 1:
-        return None
     weight, scales = torch.cat([layer.weight for layer in layers]), torch.cat([layer.scales for layer in layers])
     return Int8Linear(weight, scales, bias)
 
