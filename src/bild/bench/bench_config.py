@@ -252,6 +252,12 @@ def _check_bild(params: dict, source: str) -> dict:
             if not (name in CONTEXT_FIELDS and v is None or name == "rollback_rule" and v == DEFAULT_ROLLBACK_RULE)}  # fmt: skip
 
 
+def other_rollback_rule(params: dict) -> str | None:
+    """A BiLD method's rollback rule where it is not the paper's (the default), else None."""
+    rule = params.get("rollback_rule", DEFAULT_ROLLBACK_RULE)
+    return None if rule == DEFAULT_ROLLBACK_RULE else rule
+
+
 def _check_sampling(values: dict, source: str) -> dict:
     """``do_sample``, ``temperature``, ``top_p``, ``top_k`` and ``seeds``, validated."""
     do_sample = values.get("do_sample", False)
@@ -329,7 +335,7 @@ def default_label(name: str, params: dict) -> str:
         if params.get("prompt_lookup_num_tokens") is not None:  # context drafts: +pl<k>, /<n> for a non-default n-gram
             ngram = params.get("max_matching_ngram_size")
             checked += f"+pl{params['prompt_lookup_num_tokens']}" + (f"/{ngram}" if ngram else "")
-        if params.get("rollback_rule", DEFAULT_ROLLBACK_RULE) != DEFAULT_ROLLBACK_RULE:
+        if other_rollback_rule(params):
             checked += f"+{params['rollback_rule']}"
         return f"bild({params['fallback_threshold']:g}, {params['rollback_threshold']:g}, {params['max_draft_tokens']}{checked})"
     if name == "assisted" and params:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from bild.config import DEFAULT_ROLLBACK_RULE
+from bild.bench.bench_config import other_rollback_rule
 
 BASELINE_MARKERS = {"large": ("s", "tab:red"), "small": ("v", "tab:green"), "assisted": ("D", "tab:purple")}
 BILD_COLORS = ("tab:blue", "tab:cyan", "tab:green", "tab:olive", "navy", "teal")
@@ -83,8 +83,8 @@ def plot_pareto(results: dict, path: str | Path) -> Path:
 def short_bild_label(summary: dict) -> str:
     """``(fallback, rollback)`` of a BiLD point, e.g. ``(0.6, 2)``; ``(0.6, 2 margin)`` under the margin rule."""
     params = summary["params"]
-    rule = params.get("rollback_rule", DEFAULT_ROLLBACK_RULE)
-    return f"({params['fallback_threshold']:g}, {params['rollback_threshold']:g}{'' if rule == DEFAULT_ROLLBACK_RULE else ' ' + rule})"
+    rule = other_rollback_rule(params)
+    return f"({params['fallback_threshold']:g}, {params['rollback_threshold']:g}{' ' + rule if rule else ''})"
 
 
 def plot_variants(results: list[dict], path: str | Path) -> Path:
@@ -189,7 +189,7 @@ def front_curves(results: dict) -> list[dict]:
         if name == "bild":
             color, n_bild = BILD_COLORS[n_bild % len(BILD_COLORS)], n_bild + 1
             title = f"BiLD rollback sweep: fallback {params['fallback_threshold']:g}, N={params['max_draft_tokens']}"
-            if params.get("rollback_rule", DEFAULT_ROLLBACK_RULE) != DEFAULT_ROLLBACK_RULE:
+            if other_rollback_rule(params):
                 title += f", {params['rollback_rule']} rule"
             notes = [f"rb={_number(v)}" for v, _, _ in members]
             marker = "o"
