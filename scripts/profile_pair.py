@@ -7,8 +7,7 @@ BiLD's speedup is bounded by two ratios this prints: a small forward against a l
 and a large forward over k+1 tokens against one over 1 token (verifying k drafts costs that much more
 than plain decoding). On a GPU the second ratio is close to 1 for small k; on a few CPU cores it is not.
 Each row is the median of ``--repeats`` forwards after a warm-up, with ``--context`` tokens in the cache; the
-small models run as bild's loop runs a drafter (by its lean forward where that applies; ``--own-forward``: by
-their own), the large by its own.
+models run as bild's loop runs them (by their lean forward where that applies; ``--own-forward``: by their own).
 ``--compress`` also times the small model compressed by `bild.compress_drafter` (the drafter used with
 ``--save``); ``--save`` writes the costs as `bild.DraftCosts` JSON for ``max_draft_tokens="auto"``
 (``draft_costs:`` in bench configs). ``--kernels`` puts every model's linear layers on a path of
@@ -49,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="linear-layer kernels (bild.fit_kernels); both: stock and onednn side by side")
     parser.add_argument("--save", help="write the large / (compressed) small costs as DraftCosts JSON here")
     parser.add_argument("--own-forward", action="store_true",
-                        help="time the small models by their own forward, not the lean one bild's loop runs")  # fmt: skip
+                        help="time the models by their own forward, not the lean one bild's loop runs")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -86,10 +85,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def time_models(models: dict, args: argparse.Namespace) -> list[dict]:
-    drafting = {name: not (args.own_forward or name.startswith("large")) for name in models}
     with torch.no_grad():  # as generate() runs
         return [
-            {"tokens fed": n, **{name: forward_ms(model, args.context, n, args.repeats, as_drafter=drafting[name])
+            {"tokens fed": n, **{name: forward_ms(model, args.context, n, args.repeats, in_loop=not args.own_forward)
                                  for name, model in models.items()}}  # fmt: skip
             for n in PROFILE_TOKENS
         ]

@@ -280,10 +280,10 @@ def test_shipped_configs_are_valid():
     for path in paths:
         names = {spec.name for spec in load_config(path).methods}
         # the task configs compare every method; the drafter studies (-aligned, -exit) and the rollback study large
-        # and BiLD only; the main job and the variant, default and drafter studies large, stock assisted and BiLD
+        # and BiLD only; the main job and the studies in folders large, stock assisted and BiLD
         if path.stem.endswith(("-aligned", "-exit")) or path.parent.name == "rollback":
             assert names == {"large", "bild"}, path
-        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled", "context", "costs"):
+        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled", "context", "costs", "verifier"):
             assert names == {"large", "assisted", "bild"}, path
         else:
             assert names == {"large", "small", "assisted", "bild"}, path

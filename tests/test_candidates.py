@@ -79,7 +79,7 @@ def test_a_fallback_round_makes_one_large_forward_and_siblings_save_rounds(causa
     bild.attach(large, noisy_copy(large))
     ids = prompts(1, seed=2)[0][None]
     calls = []
-    hook = large.register_forward_hook(lambda *args: calls.append(1))
+    hook = large.lm_head.register_forward_hook(lambda *args: calls.append(1))  # each forward, lean or own
     try:
         runs = {k: generate(large, ids, fallback_threshold=1.0, fallback_candidates=k, max_new_tokens=24,
                             prompt_lookup_num_tokens=0) for k in (1, 4)}  # fmt: skip

@@ -22,7 +22,8 @@ from bild.drafters import (
     reading_text,
 )
 from bild.integration import vocab_size
-from bild.schedule import forward_bytes, forward_ms
+from bild.schedule import forward_bytes
+from bild.timing import forward_ms
 
 INF = math.inf
 SETTINGS = [("int8", None), ("int4", 32), (None, 24)]  # (quantization, vocab_size); int4 needs rows % 16 == 0

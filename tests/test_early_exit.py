@@ -243,10 +243,11 @@ def test_drafted_tokens_do_not_pass_the_shared_layers_twice(exit_model):
     ids = prompts(2)[1][None]  # a prompt whose drafts are both accepted and rolled back
     settings = dict(fallback_threshold=0.0, rollback_threshold=0.0, max_draft_tokens=6, max_new_tokens=30,
                     prompt_lookup_num_tokens=0)  # every draft a drafter step  # fmt: skip
-    layers = large.model.layers
-    with TokenCounter(first=layers[0], upper=layers[EXIT_LAYER], adapter=drafter.adapter) as shared:
+    # a layer's first norm: the lean forward (a plain run's large model) calls a layer's parts, not the layer
+    first, upper = (large.model.layers[i].input_layernorm for i in (0, EXIT_LAYER))
+    with TokenCounter(first=first, upper=upper, adapter=drafter.adapter) as shared:
         out = bild_generate(large, drafter, ids, **settings)
-    with TokenCounter(first=layers[0], upper=layers[EXIT_LAYER], adapter=drafter.adapter) as plain:
+    with TokenCounter(first=first, upper=upper, adapter=drafter.adapter) as plain:
         plain_out = bild_generate(large, PlainExit(large, EXIT_LAYER, drafter.adapter), ids, **settings)
     stats = out.bild_stats
     assert torch.equal(out.sequences, plain_out.sequences)

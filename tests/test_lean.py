@@ -30,8 +30,10 @@ from transformers import (
 )
 
 import bild
+from bild.bench.bench_config import parse_method
+from bild.bench.methods import verifier_forward
 from bild.compat import cache_kwarg
-from bild.lean import LeanForward, drafter_forward, keep_own_forward, lean_forward, lean_obstacle
+from bild.lean import LeanForward, keep_own_forward, lean_forward, lean_obstacle, loop_forward, own_forward
 from bild.schedule import DraftCosts
 from bild.timing import forward_ms
 
@@ -125,18 +127,22 @@ def test_costs_time_the_drafter_as_the_loop_runs_it(causal_pair, tmp_path, monke
     handle = lean_forward(drafter).register_hooks(lambda: lean_runs.append(1), lambda: None)
     hook = drafter.register_forward_hook(lambda *args: own_runs.append(1))
     try:
-        forward_ms(drafter, context=8, n_new=2, repeats=2, as_drafter=True)
+        forward_ms(drafter, context=8, n_new=2, repeats=2, in_loop=True)
         assert (len(lean_runs), len(own_runs)) == (4, 0)  # the context, a warm-up and 2 timed
         forward_ms(drafter, context=8, n_new=2, repeats=2)
         assert (len(lean_runs), len(own_runs)) == (4, 4)
     finally:
         handle.remove()
         hook.remove()
-    assert (drafter_forward(drafter), drafter_forward(own)) == ("lean", "own")
+    assert (loop_forward(drafter), loop_forward(own)) == ("lean", "own")
     DraftCosts.for_pair(large, drafter)
     DraftCosts.for_pair(large, own)
-    keys = [json.loads(path.read_text())["key"]["small_forward"] for path in (tmp_path / "fit").glob("costs-*.json")]
-    assert sorted(keys) == ["lean", "own"]
+    with own_forward(large):
+        DraftCosts.for_pair(large, drafter)
+    assert loop_forward(large) == "lean"  # own_forward only inside its block
+    keys = [json.loads(path.read_text())["key"] for path in (tmp_path / "fit").glob("costs-*.json")]
+    assert sorted((key["large_forward"], key["small_forward"]) for key in keys) == [
+        ("lean", "lean"), ("lean", "own"), ("own", "lean")]
 
 
 def test_obstacles():
@@ -185,25 +191,45 @@ def test_the_loop_with_and_without_the_lean_forward(causal_pair, batch):
     assert sum(stats.small_forwards) > 10 and sum(stats.rollbacks) > 0  # the drafter really drafted, and erred
 
 
-def test_compiled_step_compiles_once_per_batch_shape(causal_pair):
-    """With a counting backend: one graph for batches of one through a whole run (cache growing, cropped after each
-    rollback, several calls), one more for a batch of three; outputs equal the uncompiled drafter's (lossless: the
-    large model's own)."""
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("lossless", [False, True])
+def test_the_large_model_verifies_by_its_lean_forward(causal_pair, batch, lossless):
+    """bild's loop runs the large model (the verifier, whose logits decide every token) by its lean forward too:
+    the same output and counts as by its own forward, lossy or lossless (then the float32 oracle: large greedy),
+    with every large forward through the lean one."""
     large, small = causal_pair
-    drafter = copy.deepcopy(small)
-    graphs = []
+    settings = dict(rollback_threshold=0) if lossless else dict(fallback_threshold=0.5, rollback_threshold=1.0,
+                                                                 max_draft_tokens=6)  # fmt: skip
+    settings.update(fallback_candidates=0, draft_costs=dataclasses.asdict(DraftCosts.estimate(large, small)))
+    lean_runs, own_runs = [], []
+    handle = lean_forward(large).register_hooks(lambda: lean_runs.append(1), lambda: None)
+    hook = large.register_forward_hook(lambda *args: own_runs.append(1))
+    try:
+        lean_sequences, lean_stats = run_bild((large, small), batch, **settings)
+        n_lean = len(lean_runs)
+        with own_forward(large):
+            sequences, stats = run_bild((large, small), batch, **settings)
+    finally:
+        handle.remove()
+        hook.remove()
+    assert torch.equal(lean_sequences, sequences) and lean_stats == stats
+    assert n_lean == len(lean_runs) == len(own_runs) == max(stats.large_forwards)
+    if lossless:
+        ids, mask = left_pad(prompts(batch, seed=4))
+        expected = large.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(lean_sequences, expected)
 
-    def counting(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
 
-    bild.compile_drafter(drafter, backend=counting)
-    for batch in (1, 1, 3, 3):
-        compiled, compiled_stats = run_bild((large, drafter), batch, rollback_threshold=0.0)
-        plain, _ = run_bild((large, small), batch, rollback_threshold=0.0)
-        torch.testing.assert_close(compiled, plain)
-        assert sum(compiled_stats.rollbacks) > 0
-        assert len(graphs) == (1 if batch == 1 else 2)
-    assert lean_forward(drafter).n_compiled_steps > 20
-    with pytest.raises(ValueError, match="needs the lean forward"):
-        keep_own_forward(drafter)
+def test_a_bench_method_can_verify_by_the_large_models_own_forward(causal_pair):
+    """``large_lean: false`` in a bench config's bild method times the large model by its own forward, beside
+    methods that run it lean (same model, same run); unset, the method's journal key is as before."""
+    spec = parse_method({"name": "bild", "large_lean": False})
+    assert spec.params["large_lean"] is False and spec.label.endswith("+own-large)")
+    assert "large_lean" not in parse_method({"name": "bild", "large_lean": True}).params
+    with pytest.raises(ValueError, match="`large_lean` must be true or false"):
+        parse_method({"name": "bild", "large_lean": "no"})
+    large = causal_pair[0]
+    with verifier_forward(large, lean=False):
+        assert loop_forward(large) == "own"
+    assert loop_forward(large) == "lean"
+

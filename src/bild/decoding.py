@@ -41,7 +41,7 @@ class Decoder:
         lean: LeanForward | None = None,
     ):  # fmt: skip
         self.model = model
-        self.lean = lean  # the model's forward without transformers' machinery (drafters of the Llama family)
+        self.lean = lean  # the model's forward without transformers' machinery (the Llama family: `bild.lean`)
         self.cache = cache
         self.vocab_size = vocab_size
         self.encoder_kwargs = encoder_kwargs or {}
@@ -880,7 +880,7 @@ def build_decoders(large_model, small_model, inputs: DecoderInputs, vocab_size: 
         return small_model.bild_decoders(large_model, inputs, vocab_size, batch_size)
     device = inputs.input_ids.device
     caches = BildCache(TrackedCache(large_model, batch_size, device), TrackedCache(small_model, batch_size, device))
-    large = Decoder(large_model, caches.large, vocab_size, inputs.large_encoder_kwargs)
+    large = Decoder(large_model, caches.large, vocab_size, inputs.large_encoder_kwargs, lean_forward(large_model))
     small = Decoder(small_model, caches.small, vocab_size, inputs.small_encoder_kwargs, lean_forward(small_model))
     return large, small, caches
 

@@ -1,4 +1,4 @@
-"""The drafter's forward without transformers' per-module machinery, and a compiled one-token step.
+"""Both models' forward in bild's loop without transformers' per-module machinery, and a compiled one-token step.
 
 On a few CPU cores a compressed drafter's step is bound by overhead, not by its weights: of 43 ms per step of the
 int4 Qwen2.5-Coder-0.5B (bf16, AMX Xeon, 2 cores), its matmuls take 22 ms; the rest is about a thousand small
@@ -13,12 +13,20 @@ batches, whatever the cache length), at about 27 ms: its first step costs a comp
 about 20 s in a later process, which finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The
 drafter's step").
 
-bild's loop uses the lean forward for the small model wherever it applies (`lean_obstacle` says why not elsewhere),
-except for a verification with sibling candidates (a tree mask), which runs the model's own forward.
+The large model's forward costs its weights' bytes more than overhead, but transformers' forward over a chunk of
+drafts (its mask, its attention path) costs more than the written-out one: 6-7% for 8-20 tokens of the 1.5B model,
+2% for one (bf16, same machine; docs/measured.md, "The verifier's forward"). The logits are the same in float32
+(bit for bit on that pair; the float32 oracles hold).
+
+bild's loop uses the lean forward for both models wherever it applies (`lean_obstacle` says why not elsewhere), except
+for a verification with sibling candidates (a tree mask), which runs the model's own forward. A model's own forward
+hooks do not see the lean one (`LeanForward.register_hooks` does; its layers' parts and output layer still run as
+modules); `keep_own_forward` or `own_forward` keep a model on its own forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import weakref
@@ -81,19 +89,32 @@ def lean_forward(model: nn.Module) -> LeanForward | None:
     return lean
 
 
-def drafter_forward(model: nn.Module) -> str:
-    """How bild's loop runs ``model`` as its drafter: "compiled" (`compile_drafter`), "lean" or "own"."""
+def loop_forward(model: nn.Module) -> str:
+    """How bild's loop runs ``model``: "compiled" (`compile_drafter`), "lean" or "own"."""
     lean = lean_forward(model)
     return "own" if lean is None else "lean" if lean.compiled_step is None else "compiled"
 
 
 def keep_own_forward(model: nn.Module) -> nn.Module:
-    """Run ``model`` in bild's loop by its own forward, not the lean one (to compare the two, or to rule the lean one
-    out when a model misbehaves). Returns ``model``."""
+    """Run ``model`` in bild's loop by its own forward, not the lean one (to compare the two, to rule the lean one
+    out when a model misbehaves, or where forward hooks on the model itself must see every forward). Returns
+    ``model``."""
     if model in _LEAN_FORWARDS and _LEAN_FORWARDS[model].compiled_step is not None:
         raise ValueError("This drafter's step was compiled (bild.compile_drafter), which needs the lean forward.")
     _OWN_FORWARD.add(model)
     return model
+
+
+@contextlib.contextmanager
+def own_forward(model: nn.Module):
+    """`keep_own_forward` inside a ``with`` block only (e.g. to time a verifier both ways in one run)."""
+    kept = model in _OWN_FORWARD
+    keep_own_forward(model)
+    try:
+        yield model
+    finally:
+        if not kept:
+            _OWN_FORWARD.discard(model)
 
 
 def compile_drafter(model: PreTrainedModel, backend="inductor") -> PreTrainedModel:

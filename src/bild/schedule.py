@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from .home import fit_file, write_json
 from .kernels import PackedLinear, model_fingerprint
-from .lean import drafter_forward
+from .lean import loop_forward
 from .timing import forward_ms, machine_key
 
 logger = logging.getLogger(__name__)
@@ -103,26 +103,27 @@ class DraftCosts:
     @classmethod
     def measure(cls, large: PreTrainedModel, small: PreTrainedModel, context: int = 128, repeats: int = 5,
                 tokens: tuple[int, ...] = PROFILE_TOKENS) -> DraftCosts:  # fmt: skip
-        """Time one forward of each model by tokens fed, after ``context`` cached tokens (median of ``repeats``), the
-        small one as bild's loop runs it (by its lean forward where that applies)."""
+        """Time one forward of each model by tokens fed, after ``context`` cached tokens (median of ``repeats``), each
+        as bild's loop runs it (by its lean forward where that applies)."""
         with torch.no_grad():  # as generate() runs (inference mode would make a compiled drafter compile again)
-            large_ms = {n: forward_ms(large, context, n, repeats) for n in tokens}
-            small_ms = {n: forward_ms(small, context, n, repeats, as_drafter=True) for n in tokens}
+            large_ms = {n: forward_ms(large, context, n, repeats, in_loop=True) for n in tokens}
+            small_ms = {n: forward_ms(small, context, n, repeats, in_loop=True) for n in tokens}
         return cls.from_ms(small_ms, large_ms)
 
     @classmethod
     def for_pair(cls, large: PreTrainedModel, small: PreTrainedModel) -> DraftCosts:
         """The pair's costs on this machine: measured on first use (seconds), stored, and read back after.
 
-        Stored as JSON under ``$BILD_HOME/fit``, one file per (both models' shapes, compression and kernels;
-        device, dtype, threads, CPU kernels, torch version): `bild.timing.machine_key`. A file that cannot
+        Stored as JSON under ``$BILD_HOME/fit``, one file per (both models' shapes, compression and kernels, and
+        how the loop runs each (`bild.lean.loop_forward`); device, dtype, threads, CPU kernels, torch version):
+        `bild.timing.machine_key`. A file that cannot
         be read, or that was written for another key, is measured again with a warning. A drafter that
         runs inside the large model (`bild.early_exit`) is not timed alone: its costs are estimated.
         """
         if hasattr(small, "bild_decoders"):
             return cls.estimate(large, small)
         key = {"large": model_fingerprint(large), "small": model_fingerprint(small), "machine": machine_key(large),
-               "small_forward": drafter_forward(small)}  # fmt: skip
+               "small_forward": loop_forward(small), "large_forward": loop_forward(large)}  # fmt: skip
         path = fit_file("costs", key)
         if path.is_file():
             try:

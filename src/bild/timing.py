@@ -37,11 +37,11 @@ def machine_key(model: nn.Module) -> dict:
     return key
 
 
-def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int, as_drafter: bool = False) -> float:
+def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int, in_loop: bool = False) -> float:
     """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens.
 
-    The context is fed once; after each timed forward the cache is cropped back to it. ``as_drafter``: run it as
-    bild's loop runs a drafter, by its lean forward (compiled one-token step included) where that applies.
+    The context is fed once; after each timed forward the cache is cropped back to it. ``in_loop``: run it as
+    bild's loop runs it, by its lean forward (compiled one-token step included) where that applies.
     """
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0))
@@ -50,7 +50,7 @@ def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int, a
     if model.config.is_encoder_decoder:  # the encoder runs once per generate(): not part of a step
         extra["encoder_outputs"] = model.get_encoder()(input_ids=ids[:, :context], return_dict=True)
     cache = new_cache(model)
-    lean = lean_forward(model) if as_drafter else None
+    lean = lean_forward(model) if in_loop else None
     _feed(model, ids[:, :context], cache, extra, lean)
     keep_recurrent_states(cache, n_new + 1)  # recurrent layers can go back before the timed tokens
     times = []

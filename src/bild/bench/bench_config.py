@@ -30,7 +30,7 @@ METHOD_KEYS = {
     "small": (),
     "assisted": ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
                  "assistant_ensemble_weight"),  # the last: stock's lossy verification (transformers >= 5.17)
-    "bild": (*BILD_FIELDS, *CONTEXT_FIELDS),  # prompt_lookup_num_tokens, max_matching_ngram_size: context drafts
+    "bild": (*BILD_FIELDS, *CONTEXT_FIELDS, "large_lean"),  # context drafts; large_lean: false: the verifier's own forward
 }
 DEFAULT_METHODS = ("large", "small", "assisted", "bild")
 DRAFTER_KEYS = ("model", "early_exit", "adapter", "quantization", "vocab_size", "group_size", "compile", "lean")  # see bench/loading.py
@@ -240,7 +240,12 @@ def parse_method(raw: Any, source: str = "config") -> MethodSpec:
 
 
 def _check_bild(params: dict, source: str) -> dict:
-    """All BiLD settings, the missing ones at the core defaults, validated by the core's own rules."""
+    """All BiLD settings, the missing ones at the core defaults, validated by the core's own rules; and
+    ``large_lean: false`` (run the large model by its own forward: `bild.lean.own_forward`), kept only when set."""
+    params = dict(params)
+    large_lean = params.pop("large_lean", True)
+    if not isinstance(large_lean, bool):
+        raise ValueError(f"{source}: bild method: `large_lean` must be true or false, got {large_lean!r}.")
     values = {name: parse_float(value) if name == "rollback_threshold" else value for name, value in params.items()}
     try:
         settings = dataclasses.asdict(BildSettings(**values))
@@ -248,8 +253,9 @@ def _check_bild(params: dict, source: str) -> dict:
         raise ValueError(f"{source}: bild method: {err}") from err
     # unset context fields are left out, and the paper's rollback rule (so methods keep the keys that journals
     # written before the rule was a setting hold)
-    return {name: v for name, v in settings.items()
-            if not (name in CONTEXT_FIELDS and v is None or name == "rollback_rule" and v == DEFAULT_ROLLBACK_RULE)}  # fmt: skip
+    settings = {name: v for name, v in settings.items()
+                if not (name in CONTEXT_FIELDS and v is None or name == "rollback_rule" and v == DEFAULT_ROLLBACK_RULE)}  # fmt: skip
+    return settings if large_lean else {**settings, "large_lean": False}
 
 
 def other_rollback_rule(params: dict) -> str | None:
@@ -324,7 +330,7 @@ def default_label(name: str, params: dict) -> str:
     """``bild(0.6, 2, 10)`` (fallback, rollback, max drafts; candidates at the default "auto" unless marked:
     ``+c0``: the paper's rule, the unsure token dropped; ``+v``: the unsure token alone is checked; ``+c3``: it and
     its 2 next-best siblings; ``+pl3``: up to 3 context drafts a round, ``+pl0``: none; unmarked: the default;
-    ``+margin``: the margin rollback rule),
+    ``+margin``: the margin rollback rule; ``+own-large``: the large model by its own forward),
     ``assisted(n=5, constant, c=0.4)``, ``assisted w=0.5`` (stock's ensemble weight), or the name."""
     if name == "bild" and params:
         k = params.get("fallback_candidates", DEFAULT_FALLBACK_CANDIDATES)
@@ -337,6 +343,8 @@ def default_label(name: str, params: dict) -> str:
             checked += f"+pl{params['prompt_lookup_num_tokens']}" + (f"/{ngram}" if ngram else "")
         if other_rollback_rule(params):
             checked += f"+{params['rollback_rule']}"
+        if params.get("large_lean") is False:
+            checked += "+own-large"
         return f"bild({params['fallback_threshold']:g}, {params['rollback_threshold']:g}, {params['max_draft_tokens']}{checked})"
     if name == "assisted" and params:
         parts = []

@@ -14,7 +14,7 @@ from bild.bench.bench_config import ENSEMBLE_VERSION, ENSEMBLE_WEIGHT, BenchConf
 from bild.bench.loading import Batch, ModelPair
 from bild.compat import supports_assistant_ensemble_weight
 from bild.early_exit import EarlyExitDrafter
-from bild.lean import lean_forward
+from bild.lean import lean_forward, own_forward
 from bild.schedule import AUTO, DraftCosts
 from bild.stats import BildStats
 
@@ -110,7 +110,9 @@ def generate(
     if spec.name == "assisted":
         return Generated([ids for row in batch.rows for ids in _assisted(spec, pair, small, row, kwargs)])
     if spec.name == "bild":
-        out = pair.large.generate(**batch.inputs, **kwargs, generation_mode="bild", assistant_model=small, **spec.params)
+        params = dict(spec.params)
+        with verifier_forward(pair.large, params.pop("large_lean", True)):
+            out = pair.large.generate(**batch.inputs, **kwargs, generation_mode="bild", assistant_model=small, **params)
         return Generated(new_token_ids(pair, batch.inputs, out.sequences), out.bild_stats)
     raise ValueError(f"Unknown method {spec.name!r}.")
 
@@ -123,7 +125,13 @@ def measure_costs_first(spec: MethodSpec, pair: ModelPair) -> None:
     if spec.name == "bild" and params.get("draft_costs") is None and AUTO in (
         params.get("max_draft_tokens"), params.get("fallback_candidates")
     ):
-        DraftCosts.for_pair(pair.large, pair.drafter(spec.drafter))
+        with verifier_forward(pair.large, params.get("large_lean", True)):
+            DraftCosts.for_pair(pair.large, pair.drafter(spec.drafter))
+
+
+def verifier_forward(large, lean: bool):
+    """A context in which bild's loop runs ``large`` by its lean forward (where that applies), or its own."""
+    return contextlib.nullcontext() if lean else own_forward(large)
 
 
 def stop_string_criteria(pair: ModelPair, stop_strings: tuple[str, ...]) -> StoppingCriteriaList | None:
