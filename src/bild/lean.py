@@ -192,7 +192,9 @@ class LeanForward:
             # fresh ids and positions: a view's guards read its base, so a slice would compile another graph
             input_ids, position_ids = (t.clone(memory_format=torch.contiguous_format)
                                        for t in (input_ids, position_ids))  # fmt: skip
-            hidden, keys, values = self.compiled_step(inner, input_ids, position_ids, visible.bool(), past, qkv)
+            # q, k and v apart: inductor compiles the fused int4 layer into a slower step (65.9 ms against 48.1 apart;
+            # eager 53.4 fused; bf16, 300 cached tokens: docs/measured.md, "The verifier's forward")
+            hidden, keys, values = self.compiled_step(inner, input_ids, position_ids, visible.bool(), past, None)
             self.n_compiled_steps += 1
         else:
             hidden, keys, values = decoder_step(inner, input_ids, position_ids, visible, past, qkv)
