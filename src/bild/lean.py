@@ -7,11 +7,11 @@ Llama family (Llama, Qwen2, Qwen3, Mistral without a sliding window) `LeanForwar
 (embedding, RMSNorm, rotary attention over the KV cache, SwiGLU), calling the model's own modules (quantized or
 kernel-fitted linear layers, norms, the rotary embedding, the pruned output layer) and its own `DynamicCache`, so
 its logits are the model's (tests/test_lean.py), at about 37 ms per step. A quantized drafter's q, k and v
-projections run as one packed matmul there (`FusedQKV`, the same numbers bit for bit). `compile_drafter` further
-compiles the one-token step with `torch.compile` (dynamic shapes: one graph for a batch of one, one for larger
-batches, whatever the cache length), at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and
-about 20 s in a later process, which finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The
-drafter's step").
+projections run as one packed matmul there (`FusedQKV`, the same numbers bit for bit; the compiled step below keeps
+them apart: compiled, they step faster so). `compile_drafter` further compiles the one-token step with
+`torch.compile` (dynamic shapes: one graph for a batch of one, one for larger batches, whatever the cache length),
+at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and about 20 s in a later process, which
+finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The drafter's step").
 
 The large model's forward costs its weights' bytes more than overhead, but transformers' forward over a chunk of
 drafts (its mask, its attention path) costs more than the written-out one: 6-7% for 8-20 tokens of the 1.5B model,
@@ -183,7 +183,6 @@ class LeanForward:
         for before, _ in list(self._hooks.values()):
             before()
         inner = model.model
-        qkv = self.fused_qkv(inner)
         if self.compiled_step is not None and input_ids.shape[1] == 1 and all(p is not None for p in past):
             if visible is None:  # one graph per batch size: the mask is always given
                 visible = torch.ones(input_ids.shape[0], past[0][0].shape[2] + 1, dtype=torch.bool,
@@ -197,7 +196,7 @@ class LeanForward:
             hidden, keys, values = self.compiled_step(inner, input_ids, position_ids, visible.bool(), past, None)
             self.n_compiled_steps += 1
         else:
-            hidden, keys, values = decoder_step(inner, input_ids, position_ids, visible, past, qkv)
+            hidden, keys, values = decoder_step(inner, input_ids, position_ids, visible, past, self.fused_qkv(inner))
         for i in range(self.n_layers):
             store_past(cache, i, keys[i], values[i])
         if logits_to_keep:
