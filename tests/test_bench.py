@@ -283,7 +283,7 @@ def test_shipped_configs_are_valid():
         # and BiLD only; the main job and the studies in folders large, stock assisted and BiLD
         if path.stem.endswith(("-aligned", "-exit")) or path.parent.name == "rollback":
             assert names == {"large", "bild"}, path
-        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled", "context", "costs", "verifier"):
+        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled", "context", "costs", "verifier", "avx2"):
             assert names == {"large", "assisted", "bild"}, path
         else:
             assert names == {"large", "small", "assisted", "bild"}, path

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
+import platform
 
 import pytest
 import torch
@@ -14,9 +16,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import bild
 from bild.drafters import (
     DensePrefill,
+    DynamicInt8Linear,
     Int4Linear,
     Int8Linear,
     PrunedHead,
+    auto_quantization,
     concatenated,
     draft_vocabulary,
     reading_text,
@@ -26,7 +30,8 @@ from bild.schedule import forward_bytes
 from bild.timing import forward_ms
 
 INF = math.inf
-SETTINGS = [("int8", None), ("int4", 32), (None, 24)]  # (quantization, vocab_size); int4 needs rows % 16 == 0
+# (quantization, vocab_size); int4 needs rows % 16 == 0
+SETTINGS = [("int8", None), ("int4", 32), ("int8-dynamic", 24), (None, 24)]
 
 
 def compressed(model, quantization="int8", vocab_size=None, token_counts=None, dense_prefill=False):
@@ -299,6 +304,28 @@ def test_int8_linear_error_bound(dtype):
     assert ((out.float() - exact).abs() <= rounding_bound(x, w, out, half_steps * 1.01)).all()
 
 
+def test_dynamic_int8_quantizes_each_token_alone():
+    """Each input token gets its own 8-bit scale: its output is the same bit for bit alone, in a chunk or in a batch
+    beside a token a hundred times louder (one scale per call, fbgemm's own, would round it 60% off), and it stays
+    within its own rounding of the float layer's. Copies and pickles pack the weights again."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    layer = DynamicInt8Linear.from_linear(linear)
+    x = torch.randn(3, 5, 96)
+    x[1, 2] *= 100
+    out = layer(x)  # [3, 5, 40]
+    assert out.shape == (3, 5, 40) and out.dtype == torch.float32
+    for b, t in [(0, 0), (0, 4), (1, 2), (2, 3)]:
+        assert torch.equal(out[b, t], layer(x[b : b + 1, t : t + 1])[0, 0])
+    assert torch.equal(out[2], layer(x[2:])[0])
+    exact = x @ linear.weight.detach().T + linear.bias.detach()  # [3, 5, 40]
+    error = (out - exact).abs().amax(-1) / exact.abs().amax(-1)  # [3, 5] relative to each token's largest output
+    assert error.max() < 0.05, error
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(copied(x), out)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_linear_error_bound(dtype):
     torch.manual_seed(0)
@@ -314,7 +341,7 @@ def test_int4_linear_error_bound(dtype):
     assert ((out.float() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear, DynamicInt8Linear])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_concatenated_layers_give_the_parts_outputs_bit_for_bit(kind, dtype):
     """q, k and v projections stacked into one packed layer: the same numbers as the three layers' outputs side by
@@ -334,7 +361,7 @@ def test_concatenated_layers_give_the_parts_outputs_bit_for_bit(kind, dtype):
         assert concatenated([parts[0], Int4Linear.from_linear(nn.Linear(64, 32).to(dtype), group_size=64)]) is None
 
 
-@pytest.mark.parametrize("quantization,tolerance", [("int8", 0.03), ("int4", 0.25)])
+@pytest.mark.parametrize("quantization,tolerance", [("int8", 0.03), ("int8-dynamic", 0.05), ("int4", 0.25)])
 def test_quantized_logits_stay_close(kind_pair, quantization, tolerance):
     """Logits move by at most ``tolerance`` of their largest magnitude; int8 also keeps argmax and probabilities.
 
@@ -381,6 +408,24 @@ def test_compression_is_recorded_and_config_untouched(causal_pair, quantization,
     assert isinstance(drafter.get_output_embeddings(), PrunedHead) == (n_vocab is not None)
     with pytest.raises(ValueError, match="already compressed"):
         bild.compress_drafter(drafter)
+
+
+def test_auto_quantization_by_dtype_and_machine(causal_pair, monkeypatch):
+    """int8 by int8 (fbgemm) for a float32 drafter on x86, int4 in bf16 and where torch lacks fbgemm, none off the
+    CPU."""
+    _, small = causal_pair
+    assert small.dtype == torch.float32
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert DynamicInt8Linear.available()
+        record = bild.compress_drafter(copy.deepcopy(small), dense_prefill=False).bild_compression
+        assert (record.quantization, record.n_int4) == ("int8-dynamic", 0) and record.n_int8 > 0
+    record = bild.compress_drafter(copy.deepcopy(small).to(torch.bfloat16), dense_prefill=False).bild_compression
+    assert record.quantization == "int4" and record.n_int4 > 0
+    assert auto_quantization(torch.empty(2, 2, device="meta")) is None
+    monkeypatch.setattr(DynamicInt8Linear, "available", staticmethod(lambda: False))
+    assert auto_quantization(torch.empty(2, 2)) == "int4"
+    with pytest.raises(ValueError, match="has no fbgemm dynamic linear"):
+        compressed(small, "int8-dynamic")
 
 
 def test_int4_falls_back_to_int8_where_the_kernel_cannot(causal_pair):

@@ -91,7 +91,7 @@ def test_lean_logits_and_cache_equal_the_models_own(name):
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3"])
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("quantization", ["int4", "int8", "int8-dynamic"])
 def test_compressed_drafter_steps_through_fused_projections(name, quantization):
     """A compressed drafter's one-token steps run q, k and v as one packed layer (and rotate queries and keys
     together where no per-head norm sits between): logits and cache as the model's own forward's; a chunk as long

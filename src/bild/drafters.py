@@ -1,27 +1,36 @@
-"""`compress_drafter()`: a cheaper small model from weight-only int8/int4 linear layers and a draft vocabulary.
+"""`compress_drafter()`: a cheaper small model from int8/int4 linear layers and a draft vocabulary.
 
-Quantization is weight-only: each `nn.Linear` (the output layer included) becomes an `Int8Linear`
-(one scale per output row) or an `Int4Linear` (asymmetric, a scale and a zero per group of 32
-inputs); activations stay in the model's dtype (bfloat16 or float32), except that a float32 layer
-feeds its packed matmul in bfloat16 (torch's float32 kernels are slower than a dense float32 matmul)
-and casts the result back. The kernels are torch's own
+Each `nn.Linear` (the output layer included) becomes an `Int8Linear` (one scale per output row) or an
+`Int4Linear` (asymmetric, a scale and a zero per group of 32 inputs), both weight-only: activations stay in the
+model's dtype (bfloat16 or float32), except that a float32 layer feeds its packed matmul in bfloat16 (torch's
+float32 kernels are slower than a dense float32 matmul) and casts the result back. The kernels are torch's own
 packed CPU matmuls, the fastest measured on the reference CPU (2 AMD EPYC cores, AVX-512 BF16, bf16,
 one step after 128 tokens: Qwen2.5-Coder-0.5B 52 ms, int8 23 ms, int4 18 ms; the 1.5B 154 ms);
-torchao's int8 weight-only config was 2.8x slower than bf16 there in eager mode. Other devices get a
-ValueError (on a GPU an eager drafter step is bound by per-call overhead, not by weight traffic).
+torchao's int8 weight-only config was 2.8x slower than bf16 there in eager mode. Or, with "int8-dynamic", a
+`DynamicInt8Linear`: int8 weights times each input token quantized to 8 bits on the fly (fbgemm's dynamic linear,
+float32), the fastest on CPUs without native bf16 math (2 AMD EPYC cores, AVX2 only, float32, after 300 tokens:
+a step 40.5 ms against 44.0 int8 and 46.4 int4, a chunk of 8 tokens 62.7 against 141.7 and 116.3). Other devices
+get a ValueError (on a GPU an eager drafter step is bound by per-call overhead, not by weight traffic).
 
-Defaults (int4, group 32, a draft vocabulary of 32k ids where the vocabulary has 100k or more) are the fastest
-setting measured that never lost end to end: on the Qwen2.5-Coder pair (lossless BiLD at its defaults, bf16,
-docs/measured.md "Which drafter") the draft vocabulary that also reads its text was 1.5-5.5% faster on code,
-translation and summarization; groups of 128 were 4-5% faster on code and news and 3% slower on translation
-(coarser drafts). Both Qwen checkpoints were made from 4-bit files, which flatters int4: prefer "int8" for a
-drafter whose acceptance drops more.
+Defaults (quantization "auto": int8-dynamic for a float32 drafter where torch has fbgemm, else int4; int4 groups of
+32; a draft vocabulary of 32k ids where the vocabulary has 100k or more) are the fastest settings measured that never
+lost end to end. In bf16 (lossless BiLD at its defaults on the Qwen2.5-Coder pair, docs/measured.md "Which
+drafter") int4 stepped faster than int8, the draft vocabulary that also reads its text was 1.5-5.5% faster on code,
+translation and summarization, and groups of 128 were 4-5% faster on code and news but 3% slower on translation
+(coarser drafts). Float32 is what `dtype="auto"` picks on CPUs without native bf16 math (AVX2 only), where the
+weight-only kernels compute in emulated bf16: there int8-dynamic was 2.6-15.7% faster than int4 end to end
+(docs/measured.md, "A real AVX2 machine"). Both Qwen checkpoints were made from 4-bit files, which flatters int4:
+prefer "int8" for a drafter whose acceptance drops more.
 
-Private torch operators, used only in this module, each checked by `_require_op` before use:
+Private torch operators, used only in this module, each checked before use (`_require_op`, `DynamicInt8Linear._pack`):
 - `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`, scales in x's dtype;
 - `aten._convert_weight_to_int4pack_for_cpu(w int32 [N, K] in 0..15, 1) -> uint8 [N, K/2]` (N % 16 == 0);
 - `aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, scales_and_zeros [K/group, N, 2]) -> [M, N]`,
-  dequantizing `w = (q - 8) * scale + zero`.
+  dequantizing `w = (q - 8) * scale + zero`;
+- `torch._make_per_channel_quantized_tensor(q int8 [N, K], scales [N], zero points [N], 0)`, then
+  `quantized.linear_prepack(w, bias)` and `quantized.linear_dynamic(x float32 [M, K], packed, reduce_range)`,
+  which quantizes ``x`` with one scale per call (torch marks its quantized tensors deprecated, and 2.13 still
+  runs them).
 
 The draft vocabulary (as in FR-Spec) keeps only the `vocab_size` most frequent token ids in the
 output layer (ranked by `token_counts`, else by id: BPE vocabularies are built roughly in order of
@@ -44,8 +53,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import statistics
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -53,10 +64,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-QUANTIZATIONS = ("int8", "int4", None)
+AUTO = "auto"
+INT8_DYNAMIC = "int8-dynamic"
+QUANTIZATIONS = ("int8", "int4", INT8_DYNAMIC, AUTO, None)
 INT4_GROUP_SIZE = 32  # inputs sharing one int4 scale and zero; the CPU kernel needs K % group == 0
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel takes
-AUTO = "auto"
 # vocab_size="auto": the draft vocabulary kept where the output layer is large (Qwen 151,936, Llama 3 128,256,
 # Gemma 262,144 ids); measured on the Qwen pair (docs/measured.md, "Which drafter"): +1.5% to +5.5% end to end
 AUTO_VOCAB_SIZE = 32768
@@ -91,8 +103,9 @@ class DrafterCompression:
     """What `compress_drafter` did to a model, kept as ``model.bild_compression``.
 
     Args:
-        quantization: "int8", "int4" or None.
-        n_int8, n_int4: linear layers now held in int8 / int4 (int4 layers the kernel cannot take are int8).
+        quantization: "int8", "int4", "int8-dynamic" or None (what "auto" chose).
+        n_int8, n_int4: linear layers now held in int8 (weight-only or dynamic) / int4 (int4 layers the kernel
+            cannot take are int8).
         vocab_size: rows kept in the output layer (the full vocabulary when not pruned).
         full_vocab_size: rows of the original output layer.
         n_dense_prefill: quantized layers that run long inputs (the prompt's prefill) on their dense weights.
@@ -227,17 +240,96 @@ class Int4Linear(DensePrefill):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+class DynamicInt8Linear(DensePrefill):
+    """A linear layer with int8 weights (one scale per output row) that quantizes each input token to 8 bits on the
+    fly and multiplies int8 by int8 (fbgemm's dynamic linear, in float32; the layer casts to and from its input's
+    dtype). On 2 AVX2-only cores a drafter step costs less than with the weight-only kernels, which compute in
+    emulated bf16, and a chunk of 8 tokens a third as much (docs/measured.md, "A real AVX2 machine").
+
+    fbgemm picks one input scale per call, from the input's least and greatest value. So that each token gets its
+    own, whatever the other tokens of its chunk or rows of its batch, the layer divides every token by its largest
+    magnitude and appends the inputs +1 and -1 (times zero weights): every call's range is then [-1, 1], and the
+    output is multiplied back by each token's magnitude. A token's output is the same bit for bit alone or in any
+    chunk or batch.
+    """
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # [N, K] int8
+        self.register_buffer("scales", scales)  # [N] float32
+        self.register_buffer("bias", bias)  # [N] float32 or None
+        self.register_buffer("ends", torch.tensor([1.0, -1.0]), persistent=False)  # appended to every token
+        self._packed = self._pack()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
+        """Symmetric per-row quantization of the weights: ``w ~= q * scale``, ``q`` in [-127, 127]."""
+        w = linear.weight.detach().float()  # [N, K]
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [N]
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        return cls(q, scales, bias)
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this torch runs fbgemm's dynamic linear (x86 CPUs)."""
+        return torch.backends.quantized.engine in ("x86", "fbgemm") and all(
+            hasattr(torch.ops.quantized, op) for op in ("linear_prepack", "linear_dynamic"))  # fmt: skip
+
+    def _pack(self):
+        """fbgemm's packed weights: ours, then two zero columns for the appended inputs +1 and -1."""
+        if not self.available():
+            raise ValueError(f"This torch ({torch.__version__}, quantized engine {torch.backends.quantized.engine!r}) "
+                             f"has no fbgemm dynamic linear, which quantization={INT8_DYNAMIC!r} needs: use 'int8' or "
+                             "'int4'.")  # fmt: skip
+        weight = torch.cat([self.weight, self.weight.new_zeros(self.out_features, 2)], dim=1)  # [N, K + 2]
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        try:
+            with warnings.catch_warnings():  # torch calls quantized tensors deprecated; this kernel still takes them
+                warnings.simplefilter("ignore", UserWarning)
+                qweight = torch._make_per_channel_quantized_tensor(weight, self.scales.double(), zero_points, 0)
+            return torch.ops.quantized.linear_prepack(qweight, None)
+        except RuntimeError as err:
+            raise ValueError(f"quantization={INT8_DYNAMIC!r} needs torch's fbgemm (x86) quantized engine, which could "
+                             f"not take it here ({err}): use 'int8' or 'int4'.") from err  # fmt: skip
+
+    def __getstate__(self):  # the packed weights are a C++ object: packed again on copy or unpickling
+        return {**self.__dict__, "_packed": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._packed = self._pack()
+
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def dequantized(self) -> torch.Tensor:
+        """`(out_features, in_features)` float32 weights this layer multiplies by."""
+        return self.weight.float() * self.scales[:, None]
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()  # [M, K]
+        magnitude = torch.linalg.vector_norm(x2, ord=math.inf, dim=-1, keepdim=True).clamp_(min=1e-30)  # [M, 1]
+        scaled = torch.cat([x2 / magnitude, self.ends.expand(len(x2), 2)], dim=-1)  # [M, K + 2], each in [-1, 1]
+        # reduce_range as torch's own dynamic linear on x86: 7-bit inputs, so AVX2's int16 sums cannot saturate
+        out = torch.ops.quantized.linear_dynamic(scaled, self._packed, True)  # [M, N]
+        out = out.mul_(magnitude) if self.bias is None else torch.addcmul(self.bias, out, magnitude)  # [M, N]
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
 def concatenated(layers: list[nn.Module]) -> DensePrefill | None:
     """One quantized layer whose output is ``torch.cat([layer(x) for layer in layers], dim=-1)``, computed by one
     packed matmul (a step's q, k and v projections: one kernel call instead of three, 48 us less per layer at one
     token), with the same numbers bit for bit: each output row keeps its own quantized values, scale and zero, and
     the kernel sums each row's products in the same order whatever the rows beside it. None unless every layer is
-    an `Int4Linear` (one group size) or every one an `Int8Linear`, all with one kernel dtype and input size, and
-    all with a bias or none. The result copies the parts' weights and has no dense ones: feed it fewer rows than
-    the parts' `dense_from_rows`."""
+    an `Int4Linear` (one group size), every one an `Int8Linear` or every one a `DynamicInt8Linear`, all with one
+    kernel dtype and input size, and all with a bias or none. The result copies the parts' weights and has no dense
+    ones: feed it fewer rows than the parts' `dense_from_rows`."""
     kinds = {(type(layer), getattr(layer, "group_size", None), getattr(layer, "kernel_dtype", None), layer.in_features,
               layer.bias is None) for layer in layers}  # fmt: skip
-    if len(kinds) != 1 or next(iter(kinds))[0] not in (Int4Linear, Int8Linear):
+    if len(kinds) != 1 or next(iter(kinds))[0] not in (Int4Linear, Int8Linear, DynamicInt8Linear):
         return None
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     if isinstance(layers[0], Int4Linear):
@@ -246,7 +338,7 @@ def concatenated(layers: list[nn.Module]) -> DensePrefill | None:
         scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)  # [G, N, 2]
         return Int4Linear(packed, scales_and_zeros, bias, layers[0].group_size)
     weight, scales = torch.cat([layer.weight for layer in layers]), torch.cat([layer.scales for layer in layers])
-    return Int8Linear(weight, scales, bias)
+    return type(layers[0])(weight, scales, bias)
 
 
 class PrunedHead(nn.Module):
@@ -441,6 +533,8 @@ def _quantize(
         quantized = Int4Linear.from_linear(linear, group_size)
     elif quantization in ("int4", "int8"):
         quantized = Int8Linear.from_linear(linear)
+    elif quantization == INT8_DYNAMIC:
+        quantized = DynamicInt8Linear.from_linear(linear)
     else:
         return linear
     if crossovers is not None:
@@ -480,6 +574,17 @@ def _keep_rows(linear: nn.Linear, kept_ids: torch.Tensor) -> nn.Linear:
     return rows
 
 
+def auto_quantization(weight: torch.Tensor) -> str | None:
+    """What ``quantization="auto"`` picks for a drafter whose weights are like ``weight``: None off the CPU (the
+    packed kernels are CPU only; the draft vocabulary still applies); "int8-dynamic" for float32 weights where torch
+    has fbgemm's dynamic linear (x86: what `dtype="auto"` loads on CPUs without native bf16 math, where the
+    weight-only kernels compute in emulated bf16; measured on AVX2: docs/measured.md, "A real AVX2 machine");
+    else "int4"."""
+    if weight.device.type != "cpu":
+        return None
+    return INT8_DYNAMIC if weight.dtype == torch.float32 and DynamicInt8Linear.available() else "int4"
+
+
 def _check_arguments(
     model: nn.Module, quantization, linears: list[tuple[str, nn.Linear]], vocab_size, group_size
 ) -> None:
@@ -496,7 +601,7 @@ def _check_arguments(
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to compress.")
     device = linears[0][1].weight.device
-    if quantization is not None and device.type != "cpu":
+    if quantization not in (None, AUTO) and device.type != "cpu":
         raise ValueError(
             f"quantization={quantization!r} runs on CPU only (torch's packed kernels), but the drafter is on {device}: "
             "pass quantization=None there (the draft vocabulary still applies), or compress on CPU."
@@ -508,15 +613,16 @@ def _check_arguments(
 
 @torch.no_grad()
 def compress_drafter(
-    small: nn.Module, quantization: str | None = "int4", vocab_size: int | str | None = "auto", token_counts=None,
+    small: nn.Module, quantization: str | None = AUTO, vocab_size: int | str | None = "auto", token_counts=None,
     dense_prefill: bool = True, group_size: int = INT4_GROUP_SIZE,
 ) -> nn.Module:
     """Make a small (drafter) model cheaper to run, in place, and return it.
 
     Args:
         small: a transformers model (decoder-only or encoder-decoder) whose output layer is an nn.Linear.
-        quantization: "int4" (default: group 32; layers the kernel cannot take get int8), "int8" (per-row
-            scales) or None; CPU only.
+        quantization: "int4" (group ``group_size``; layers the kernel cannot take get int8), "int8" (per-row
+            scales), "int8-dynamic" (`DynamicInt8Linear`), None, or "auto" (default: `auto_quantization`); all but
+            None on CPU only.
         vocab_size: keep only this many output rows (special tokens + most frequent ids; in bild's loop and
             wherever the drafter hears its text, the ids the text holds as well, an encoder-decoder's source
             included); None keeps all; "auto" (default): `AUTO_VOCAB_SIZE` where the output layer has at least
@@ -532,6 +638,8 @@ def compress_drafter(
     """
     linears = [(name, m) for name, m in small.named_modules() if isinstance(m, nn.Linear)]
     _check_arguments(small, quantization, linears, vocab_size, group_size)
+    if quantization == AUTO:
+        quantization = auto_quantization(linears[0][1].weight)
     head = small.get_output_embeddings()
     n_vocab = head.out_features
     if vocab_size == AUTO:
@@ -554,7 +662,7 @@ def compress_drafter(
         if small.config.is_encoder_decoder:
             small.get_encoder().register_forward_pre_hook(functools.partial(hear_source, new_head), with_kwargs=True)
     n_int4 = sum(isinstance(m, Int4Linear) for m in small.modules())
-    n_int8 = sum(isinstance(m, Int8Linear) for m in small.modules())
+    n_int8 = sum(isinstance(m, (Int8Linear, DynamicInt8Linear)) for m in small.modules())
     n_dense = sum(isinstance(m, DensePrefill) and m.dense is not None for m in small.modules())
     small.bild_compression = DrafterCompression(
         quantization, n_int8, n_int4, n_vocab if kept_ids is None else len(kept_ids), n_vocab, n_dense,

@@ -170,7 +170,7 @@ def parse_config(raw: Any, source: str = "config") -> BenchConfig:
 
 
 def parse_drafters(raw: Any, source: str) -> dict:
-    """``{name: {model: <folder or hub id> | early_exit: k, adapter: <folder>, quantization: int8|int4|null,
+    """``{name: {model: <folder or hub id> | early_exit: k, adapter: <folder>, quantization: auto|int8|int4|int8-dynamic|null,
     vocab_size: N|auto|null, group_size: G, compile: true|false, lean: true|false}}``, validated."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: `drafters` must map names to drafter settings, got {raw!r}.")
