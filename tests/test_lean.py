@@ -156,6 +156,13 @@ def test_obstacles():
         bild.compile_drafter(gpt2)
 
 
+def test_int8_dynamic_drafters_are_not_compiled():
+    drafter = bild.compress_drafter(family("qwen2"), "int8-dynamic", vocab_size=None)
+    with pytest.raises(ValueError, match="int8-dynamic layers run slower compiled; compress it with quantization='int4'"):
+        bild.compile_drafter(drafter)
+    assert loop_forward(drafter) == "lean"
+
+
 def test_compiling_without_a_compiler_says_what_to_install(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(ValueError, match="install g\\+\\+"):

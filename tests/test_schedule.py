@@ -53,6 +53,15 @@ def test_costs_interpolate_extrapolate_and_round_trip(tmp_path):
     assert DraftCosts.load(path) == costs == DraftCosts.load(json.loads(path.read_text()))
 
 
+def test_costs_from_times_never_fall_with_more_tokens():
+    """A time above a later point's is noise: it is lowered to the least at or after it, the unit included."""
+    costs = DraftCosts.from_ms({1: 26.0, 2: 17.0, 4: 19.0, 8: 27.0}, {1: 110.0, 2: 100.0, 8: 150.0})
+    assert costs.small == ((1, 0.17), (2, 0.17), (4, 0.19), (8, 0.27))
+    assert costs.large == ((1, 1.0), (2, 1.0), (8, 1.5))
+    ordered = DraftCosts.from_ms({1: 20.0, 8: 40.0}, {1: 100.0, 8: 150.0})
+    assert ordered.small == ((1, 0.2), (8, 0.4)) and ordered.large == ((1, 1.0), (8, 1.5))
+
+
 def test_estimated_costs_follow_weight_bytes(causal_pair):
     large, small = causal_pair
     costs = DraftCosts.estimate(large, small)

@@ -40,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
 from .compat import cache_past, store_past
-from .drafters import concatenated
+from .drafters import DynamicInt8Linear, concatenated
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # each model's LeanForward, kept across generate() calls (its compiled step too), not in the model (not deep-copied)
@@ -128,6 +128,10 @@ def compile_drafter(model: PreTrainedModel, backend="inductor") -> PreTrainedMod
     recompile limit (8 graphs: four drafters, each at one and at several rows). Returns ``model``.
     """
     reason = "bild.lean.keep_own_forward was called on it" if model in _OWN_FORWARD else lean_obstacle(model)
+    if reason is None and any(isinstance(m, DynamicInt8Linear) for m in model.modules()):
+        # fbgemm's packed weights are opaque to inductor: the compiled step cost 66 ms against 45 eager (AVX2 float32,
+        # the main job: docs/measured.md, "A real AVX2 machine")
+        reason = "its int8-dynamic layers run slower compiled; compress it with quantization='int4' to compile it"
     if reason is not None:
         raise ValueError(f"bild.compile_drafter cannot compile this drafter's step ({reason}); use it uncompiled.")
     if backend == "inductor" and model.device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):

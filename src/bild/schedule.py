@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,7 @@ PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64)  # tokens fed per forward that `DraftC
 COST_TOKENS = (1, 2, 4, 8, 16, 32)
 COST_CONTEXT = 64
 COST_REPEATS = 3
+COSTS_VERSION = 2  # in the stored costs' key: 2 made them non-decreasing in tokens fed (`DraftCosts.from_ms`)
 # Extra cost of each further token fed to one forward, relative to a single-token forward, measured on
 # the project's reference machines (README, "Where the time goes"): GPUs are bound by per-call overhead,
 # CPUs by weight bytes in bfloat16 and by arithmetic in float32.
@@ -116,14 +118,15 @@ class DraftCosts:
 
         Stored as JSON under ``$BILD_HOME/fit``, one file per (both models' shapes, compression and kernels, and
         how the loop runs each (`bild.lean.loop_forward`); device, dtype, threads, CPU kernels, torch version:
-        `bild.timing.machine_key`). A file that cannot be read, or that was written for another key, is measured
+        `bild.timing.machine_key`; `COSTS_VERSION`). A file that cannot be read, or that was written for another key, is measured
         again with a warning. A drafter that runs inside the large model (`bild.early_exit`) is not timed alone:
         its costs are estimated.
         """
         if hasattr(small, "bild_decoders"):
             return cls.estimate(large, small)
         key = {"large": model_fingerprint(large), "small": model_fingerprint(small), "machine": machine_key(large),
-               "small_forward": loop_forward(small), "large_forward": loop_forward(large)}  # fmt: skip
+               "small_forward": loop_forward(small), "large_forward": loop_forward(large),
+               "version": COSTS_VERSION}  # fmt: skip
         path = fit_file("costs", key)
         if path.is_file():
             try:
@@ -147,7 +150,12 @@ class DraftCosts:
 
     @classmethod
     def from_ms(cls, small_ms: dict[int, float], large_ms: dict[int, float]) -> DraftCosts:
-        """Costs from forward times by tokens fed, in units of the large model's fewest-token forward."""
+        """Costs from forward times by tokens fed, in units of the large model's fewest-token forward.
+
+        A forward over fewer tokens never costs more than one over more, so a time above a later point's is timing
+        noise (a shared machine put a drafter's 1-token forward at 0.26 of a large step and its 2-token one at 0.17):
+        each point is lowered to the least time at or after it."""
+        small_ms, large_ms = _non_decreasing(small_ms), _non_decreasing(large_ms)
         unit = large_ms[min(large_ms)]
         return cls(tuple((n, ms / unit) for n, ms in small_ms.items()), tuple((n, ms / unit) for n, ms in large_ms.items()))
 
@@ -169,6 +177,14 @@ class DraftCosts:
         if not isinstance(source, dict) or set(source) != {"small", "large"}:
             raise ValueError(f"Draft costs need exactly the keys 'small' and 'large', got {source!r}.")
         return cls(tuple(map(tuple, source["small"])), tuple(map(tuple, source["large"])))
+
+
+def _non_decreasing(ms: dict[int, float]) -> dict[int, float]:
+    """``{tokens: ms}`` with each time lowered to the least at that many tokens or more."""
+    least, out = math.inf, {}
+    for n in sorted(ms, reverse=True):
+        least = out[n] = min(least, ms[n])
+    return dict(sorted(out.items()))
 
 
 def forward_bytes(model: PreTrainedModel) -> int:
