@@ -158,7 +158,7 @@ def test_obstacles():
 
 def test_int8_dynamic_drafters_are_not_compiled():
     drafter = bild.compress_drafter(family("qwen2"), "int8-dynamic", vocab_size=None)
-    with pytest.raises(ValueError, match="int8-dynamic layers run slower compiled; compress it with quantization='int4'"):
+    with pytest.raises(ValueError, match="int8-dynamic layers run slower compiled; compress it with quantization="):
         bild.compile_drafter(drafter)
     assert loop_forward(drafter) == "lean"
 

@@ -118,9 +118,9 @@ class DraftCosts:
 
         Stored as JSON under ``$BILD_HOME/fit``, one file per (both models' shapes, compression and kernels, and
         how the loop runs each (`bild.lean.loop_forward`); device, dtype, threads, CPU kernels, torch version:
-        `bild.timing.machine_key`; `COSTS_VERSION`). A file that cannot be read, or that was written for another key, is measured
-        again with a warning. A drafter that runs inside the large model (`bild.early_exit`) is not timed alone:
-        its costs are estimated.
+        `bild.timing.machine_key`; `COSTS_VERSION`). A file that cannot be read, or that was written for another key,
+        is measured again with a warning. A drafter that runs inside the large model (`bild.early_exit`) is not timed
+        alone: its costs are estimated.
         """
         if hasattr(small, "bild_decoders"):
             return cls.estimate(large, small)
