@@ -132,6 +132,15 @@ def _require_op(name: str) -> torch._ops.OpOverloadPacket:
     return op
 
 
+def _int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [N, K] int8 in [-127, 127], scales [N] in scale_dtype)`` with ``weight ~= q * scale`` row by row."""
+    w = weight.detach().float()  # [N, K]
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(scale_dtype)  # [N]
+    # divide by the rounded scale, so that q * scale is exactly what the kernel multiplies by
+    q = torch.round(w / scales.float().clamp(min=1e-30)[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
+    return q, scales
+
+
 def _kernel_dtype(linear: nn.Linear) -> torch.dtype:
     return KERNEL_DTYPE.get(linear.weight.dtype, linear.weight.dtype)
 
@@ -149,12 +158,7 @@ class Int8Linear(DensePrefill):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """Symmetric per-row quantization: ``w ~= q * scale``, ``q`` in [-127, 127]."""
-        w = linear.weight.detach().float()  # [N, K]
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(_kernel_dtype(linear))  # [N]
-        # divide by the rounded scale, so that q * scale is exactly what the kernel multiplies by
-        q = (
-            torch.round(w / scales.float().clamp(min=1e-30)[:, None]).clamp(-127, 127).to(torch.int8)
-        )  # [N, K]
+        q, scales = _int8_rows(linear.weight, _kernel_dtype(linear))
         bias = None if linear.bias is None else linear.bias.detach().clone()
         _require_op("_weight_int8pack_mm")
         return cls(q, scales, bias)
@@ -265,9 +269,7 @@ class DynamicInt8Linear(DensePrefill):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
         """Symmetric per-row quantization of the weights: ``w ~= q * scale``, ``q`` in [-127, 127]."""
-        w = linear.weight.detach().float()  # [N, K]
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [N]
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
+        q, scales = _int8_rows(linear.weight, torch.float32)
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         return cls(q, scales, bias)
 
