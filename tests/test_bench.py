@@ -220,7 +220,7 @@ BASE = {"task": "translation", "small": "s", "large": "l"}
         ({"batchsize": 2}, "unknown key(s) ['batchsize']"),
         ({"device": "tpu"}, "`device` must be one of ['auto', 'cpu', 'cuda']"),
         ({"dtype": "fp8"}, "`dtype` must be one of ['auto', 'float32', 'bfloat16', 'float16']"),
-        ({"kernels": "mkl"}, "`kernels` must be one of ['fit', 'stock']"),
+        ({"kernels": "mkl"}, "`kernels` must be one of ['fit', 'stock', 'fp16']"),
         ({"batch_size": 0}, "`batch_size` must be a positive integer"),
         ({"max_new_tokens": "64"}, "`max_new_tokens` must be a positive integer"),
         ({"chat": "yes"}, "`chat` must be true or false"),
@@ -283,7 +283,7 @@ def test_shipped_configs_are_valid():
         # and BiLD only; the main job and the studies in folders large, stock assisted and BiLD
         if path.stem.endswith(("-aligned", "-exit")) or path.parent.name == "rollback":
             assert names == {"large", "bild"}, path
-        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled", "context", "costs", "verifier", "avx2"):
+        elif path.stem == "qwen-coder-main" or path.parent.name in ("variants", "defaults", "drafter", "compiled", "context", "costs", "verifier", "avx2", "fp16"):
             assert names == {"large", "assisted", "bild"}, path
         else:
             assert names == {"large", "small", "assisted", "bild"}, path

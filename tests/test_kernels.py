@@ -10,7 +10,7 @@ import torch
 from conftest import PAD, left_pad, prompts
 
 import bild
-from bild.kernels import PackedLinear, fit_kernels, onednn_available
+from bild.kernels import PATHS, HalfLinear, PackedLinear, fit_kernels, fp16_available, onednn_available
 from bild.schedule import DraftCosts, forward_bytes
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear kernels")
@@ -98,9 +98,87 @@ def test_bad_kernel_requests_say_what_to_change(causal_pair):
     large, _ = causal_pair
     with pytest.raises(ValueError, match="choose among"):
         fit_kernels(copy.deepcopy(large), paths=("mkl",))
+    with pytest.raises(ValueError, match="choose among"):
+        fit_kernels(copy.deepcopy(large), paths=())
     fitted = packed(large)
     with pytest.raises(ValueError, match="already fitted"):
         fit_kernels(fitted)
+
+
+needs_fp16 = pytest.mark.skipif(not fp16_available(), reason="this torch has no fbgemm fp16 GEMM (x86 CPUs only)")
+
+
+def rounded_to_fp16(model):
+    """A copy of ``model`` with every linear layer's weight rounded to float16 and kept in float32."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in copied.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.half().float())
+    return copied
+
+
+@needs_fp16
+def test_fp16_layers_multiply_the_rounded_weights_in_float32(causal_pair):
+    large, _ = causal_pair
+    fitted = packed(large, "fp16")
+    assert fitted.bild_kernels.path == "fp16"
+    assert not any(isinstance(m, torch.nn.Linear) for m in fitted.modules())
+    ids, mask = left_pad(prompts(4))
+    with torch.inference_mode():
+        torch.testing.assert_close(fitted(ids, attention_mask=mask).logits,
+                                   rounded_to_fp16(large)(ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert forward_bytes(fitted) < 0.6 * forward_bytes(large)  # cost estimates see two bytes a weight
+    state = fitted.state_dict()
+    for name, value in rounded_to_fp16(large).state_dict().items():
+        assert torch.equal(state[name], value), name  # saved as the float32 values it multiplies by
+    copied = copy.deepcopy(fitted)
+    assert all(isinstance(m, HalfLinear) for m in copied.modules() if isinstance(m, PackedLinear))
+    ids = prompts(1)[0][None]
+    assert torch.equal(greedy(copied, ids), greedy(fitted, ids))
+
+
+@needs_fp16
+def test_lossless_bild_on_fp16_weights_differs_from_greedy_only_at_near_ties(causal_pair):
+    """fbgemm's fp16 GEMM sums a row's products in an order that depends on how many rows share the call, so a
+    verification chunk and a one-token step may break a near-tie apart (as in bf16); nowhere else."""
+    large, small = (packed(m, "fp16") for m in causal_pair)
+    bild.attach(large, small)
+    for prompt in prompts(4):
+        ids = prompt[None]
+        out = large.generate(ids, generation_mode="bild", rollback_threshold=0.0, fallback_threshold=0.5,
+                             max_new_tokens=16, do_sample=False, pad_token_id=PAD)  # fmt: skip
+        reference = large.generate(ids, do_sample=False, pad_token_id=PAD, max_new_tokens=16, output_logits=True,
+                                   return_dict_in_generate=True)  # fmt: skip
+        new, expected = out[0, ids.shape[1] :], reference.sequences[0, ids.shape[1] :]
+        differ = (new[: len(expected)] != expected[: len(new)]).nonzero()
+        if len(differ):
+            step = differ[0].item()
+            top2 = reference.logits[step][0].float().topk(2).values
+            assert top2[0] - top2[1] < 1e-3, f"differs at step {step}, where the large model was sure"
+        else:
+            assert len(new) == len(expected)
+
+
+@needs_fp16
+def test_fp16_is_chosen_only_when_named(causal_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("BILD_HOME", str(tmp_path))
+    large, _ = causal_pair
+    assert "fp16" not in PATHS and "fp16" not in fit_kernels(copy.deepcopy(large)).bild_kernels.ms
+    timed = fit_kernels(copy.deepcopy(large), paths=(*PATHS, "fp16"))
+    assert set(timed.bild_kernels.ms) == {"stock", "onednn", "fp16"}
+    assert any(isinstance(m, HalfLinear) for m in timed.modules()) == (timed.bild_kernels.path == "fp16")
+    with torch.inference_mode():  # a path timed and not taken leaves the weights as they were
+        ids = prompts(1)[0][None]
+        if timed.bild_kernels.path != "fp16":
+            torch.testing.assert_close(timed(ids).logits, large(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_fp16
+def test_fp16_on_a_bfloat16_model_says_to_load_it_in_float32(causal_pair):
+    large, _ = causal_pair
+    with pytest.raises(ValueError, match="dtype=torch.float32"):
+        fit_kernels(copy.deepcopy(large).to(torch.bfloat16), paths=("fp16",))
 
 
 def test_compressed_drafter_keeps_its_quantized_layers(causal_pair):

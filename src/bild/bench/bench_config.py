@@ -70,7 +70,7 @@ class BenchConfig:
     limit: int | None = None
     skip: int = 0  # examples passed over before the first one used (calibration uses a later slice)
     threads: int | None = None
-    kernels: str = "fit"  # linear-layer kernels of every model: fit (timed fastest here, bild.fit_kernels) | stock
+    kernels: str = "fit"  # linear-layer kernels of every model: fit (timed fastest here, bild.fit_kernels) | stock | fp16
     stop_strings: tuple[str, ...] = ()
     # sampling: every method draws with these settings, once per seed (greedy: one run, seeds unused)
     do_sample: bool = False

@@ -14,7 +14,7 @@ from bild.bench.paths import bild_home, resolve_model
 from bild.drafters import compress_drafter
 from bild.early_exit import early_exit
 from bild.integration import check_pair, check_tokenizers
-from bild.kernels import fit_kernels, kernel_path
+from bild.kernels import HALF, PATHS, fit_kernels, kernel_path
 from bild.lean import compile_drafter, keep_own_forward
 
 PREPARE_HINT = "Offline, `python scripts/prepare_models.py` prepares the default pair under {models}."
@@ -66,7 +66,8 @@ def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, 
     ``attach``: make the large model understand ``generation_mode="bild"`` with the small one as assistant.
     ``drafters``: further small models by name (see `load_drafter`).
     ``kernels``: "fit" puts every model's linear layers on the path `bild.fit_kernels` times fastest here
-    (after the drafters are copied and compressed); "stock" leaves them as loaded.
+    (after the drafters are copied and compressed); "fp16" on float16 weights (``fit_kernels(model, ("fp16",))``);
+    "stock" leaves them as loaded.
     """
     large_model, tokenizer = load_large(large, device, dtype)
     small_path = resolve_existing(small)
@@ -80,10 +81,11 @@ def load_pair(large: str, small: str, device: torch.device, dtype: torch.dtype, 
     )
     pair = ModelPair(large_model, small_model, tokenizer, eos_ids, tokenizer.pad_token_id)
     pair.drafters = {name: load_drafter(pair, entry, dtype) for name, entry in (drafters or {}).items()}
-    if kernels == "fit":
+    if kernels != "stock":
+        paths = {"fit": PATHS, "fp16": (HALF,)}[kernels]
         for model in (pair.large, pair.small, *pair.drafters.values()):
             if not hasattr(model, "bild_decoders"):  # an early exit runs the large model's (fitted) layers
-                fit_kernels(model)
+                fit_kernels(model, paths)
     if attach:
         bild.attach(pair.large, pair.small)
     return pair

@@ -17,7 +17,9 @@ from bild.timing import cpu_model_name
 
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNELS = ("fit", "stock")  # fit: every model's linear layers on the path bild.fit_kernels times fastest here
+# linear-layer kernels of every model: fit (the path bild.fit_kernels times fastest here, same numbers), stock (as
+# loaded) or fp16 (float16 weights, fbgemm; float32 models on x86 CPUs: changes the numbers, so only when asked)
+KERNELS = ("fit", "stock", "fp16")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bfloat16 math
 
 
@@ -31,7 +33,8 @@ def add_machine_options(parser: argparse.ArgumentParser, defaults: bool = True) 
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--kernels", choices=KERNELS, default="fit" if defaults else None,
-        help="linear-layer kernels: fit (the path timed fastest on this machine, bild.fit_kernels) or stock",
+        help="linear-layer kernels: fit (the path timed fastest on this machine, bild.fit_kernels), stock, or fp16 "
+             "(a float32 model's weights in float16: half the bytes a step reads, the numbers rounded)",
     )  # fmt: skip
 
 
