@@ -93,9 +93,10 @@ def test_lean_logits_and_cache_equal_the_models_own(name):
 @pytest.mark.parametrize("name", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("quantization", ["int4", "int8", "int8-dynamic"])
 def test_compressed_drafter_steps_through_fused_projections(name, quantization):
-    """A compressed drafter's one-token steps run q, k and v as one packed layer (and rotate queries and keys
-    together where no per-head norm sits between): logits and cache as the model's own forward's; a chunk as long
-    as the dense prefill threshold takes the parts' own path; replacing a projection makes the fusion again."""
+    """A compressed drafter's one-token steps run q, k and v as one packed layer, an int8-dynamic one's gate and up
+    as another (and rotate queries and keys together where no per-head norm sits between): logits and cache as the
+    model's own forward's; a chunk as long as the dense prefill threshold takes the parts' own path; replacing a
+    projection makes the fusion again."""
     model = bild.compress_drafter(family(name), quantization, vocab_size=None)
     lean = LeanForward(len(model.model.layers))
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))  # past the dense threshold
@@ -109,13 +110,20 @@ def test_compressed_drafter_steps_through_fused_projections(name, quantization):
         for a, b in zip(ours.layers, theirs.layers, strict=True):
             torch.testing.assert_close(a.keys, b.keys)
             torch.testing.assert_close(a.values, b.values)
-    fused = lean.fused_qkv(model.model)
-    assert all(f is not None and f.features == (32, 16, 16) for f in fused)
+    fused = lean.fused(model.model)
+    mlp = model.model.layers[0].mlp
+    assert all(f.qkv is not None and f.qkv.features == (32, 16, 16) for f in fused)
+    if quantization == "int8-dynamic":  # the only kind whose gate and up are fused (each call quantizes its input)
+        assert all(f.gate_up is not None and f.gate_up.features == (mlp.gate_proj.out_features,) * 2 for f in fused)
+        assert fused[0].gate_up.below_rows == min(p.dense_from_rows for p in (mlp.gate_proj, mlp.up_proj))
+    else:
+        assert all(f.gate_up is None for f in fused)
     attn = model.model.layers[0].self_attn  # each part's threshold is timed per shape: the fused layer takes the least
-    assert fused[0].below_rows == min(p.dense_from_rows for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert fused[0].qkv.below_rows == min(p.dense_from_rows for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     model.model.layers[0].self_attn.q_proj = nn.Linear(32, 32)
-    assert lean.fused_qkv(model.model)[0] is None and lean.fused_qkv(model.model)[1] is not None
-    assert all(f is None for f in LeanForward(2).fused_qkv(family(name).model))  # dense projections stay apart
+    again = lean.fused(model.model)
+    assert again[0].qkv is None and again[1].qkv is not None and (again[0].gate_up is None) == (fused[0].gate_up is None)
+    assert all(f == (None, None) for f in LeanForward(2).fused(family(name).model))  # dense projections stay apart
 
 
 def test_costs_time_the_drafter_as_the_loop_runs_it(causal_pair, tmp_path, monkeypatch):

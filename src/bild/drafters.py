@@ -257,7 +257,7 @@ class DynamicInt8Linear(DensePrefill):
     chunk or batch.
     """
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, keep_weight: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # [N, K] int8
@@ -265,6 +265,8 @@ class DynamicInt8Linear(DensePrefill):
         self.register_buffer("bias", bias)  # [N] float32 or None
         self.register_buffer("ends", torch.tensor([1.0, -1.0]), persistent=False)  # appended to every token
         self._packed = self._pack()
+        if not keep_weight:  # fbgemm's packed copy alone: a layer that is never saved, copied or dequantized
+            self.weight = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
@@ -327,8 +329,9 @@ def concatenated(layers: list[nn.Module]) -> DensePrefill | None:
     token), with the same numbers bit for bit: each output row keeps its own quantized values, scale and zero, and
     the kernel sums each row's products in the same order whatever the rows beside it. None unless every layer is
     an `Int4Linear` (one group size), every one an `Int8Linear` or every one a `DynamicInt8Linear`, all with one
-    kernel dtype and input size, and all with a bias or none. The result copies the parts' weights and has no dense
-    ones: feed it fewer rows than the parts' `dense_from_rows`."""
+    kernel dtype and input size, and all with a bias or none. The result copies the parts' weights (an int8-dynamic one
+    keeps only fbgemm's packed copy: it cannot be copied or saved) and has no dense ones: feed it fewer rows than the
+    parts' `dense_from_rows`."""
     kinds = {(type(layer), getattr(layer, "group_size", None), getattr(layer, "kernel_dtype", None), layer.in_features,
               layer.bias is None) for layer in layers}  # fmt: skip
     if len(kinds) != 1 or next(iter(kinds))[0] not in (Int4Linear, Int8Linear, DynamicInt8Linear):
@@ -340,7 +343,9 @@ def concatenated(layers: list[nn.Module]) -> DensePrefill | None:
         scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)  # [G, N, 2]
         return Int4Linear(packed, scales_and_zeros, bias, layers[0].group_size)
     weight, scales = torch.cat([layer.weight for layer in layers]), torch.cat([layer.scales for layer in layers])
-    return type(layers[0])(weight, scales, bias)
+    if isinstance(layers[0], DynamicInt8Linear):  # bild's loop only runs it: fbgemm's packed copy is enough
+        return DynamicInt8Linear(weight, scales, bias, keep_weight=False)
+    return Int8Linear(weight, scales, bias)
 
 
 class PrunedHead(nn.Module):

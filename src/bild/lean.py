@@ -7,8 +7,8 @@ Llama family (Llama, Qwen2, Qwen3, Mistral without a sliding window) `LeanForwar
 (embedding, RMSNorm, rotary attention over the KV cache, SwiGLU), calling the model's own modules (quantized or
 kernel-fitted linear layers, norms, the rotary embedding, the pruned output layer) and its own `DynamicCache`, so
 its logits are the model's (tests/test_lean.py), at about 37 ms per step. A quantized drafter's q, k and v
-projections run as one packed matmul there (`FusedQKV`, the same numbers bit for bit; the compiled step below keeps
-them apart: compiled, they step faster so). `compile_drafter` further compiles the one-token step with
+projections run as one packed matmul there, and an int8-dynamic drafter's gate and up projections too (`Fused`, the
+same numbers bit for bit; the compiled step below keeps them apart: compiled, they step faster so). `compile_drafter` further compiles the one-token step with
 `torch.compile` (dynamic shapes: one graph for a batch of one, one for larger batches, whatever the cache length),
 at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and about 20 s in a later process, which
 finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The drafter's step").
@@ -148,8 +148,8 @@ class LeanForward:
         self.n_layers = n_layers
         self.compiled_step = None  # torch.compile'd `decoder_step` for one-token chunks, after `compile`
         self.n_compiled_steps = 0
-        self._qkv: list[FusedQKV | None] = []  # each layer's q, k and v projections as one layer: `fused_qkv`
-        self._made: list[tuple[nn.Module, ...]] = []  # the projections `_qkv` was made from
+        self._fused: list[LayerFusions] = []  # each layer's q/k/v and gate/up projections as one layer each: `fused`
+        self._made: list[tuple[nn.Module, ...]] = []  # the projections `_fused` was made from
         self._hooks: OrderedDict[int, tuple] = OrderedDict()  # (before, after) around each run: `register_hooks`
 
     def register_hooks(self, before, after) -> RemovableHandle:
@@ -162,14 +162,18 @@ class LeanForward:
     def compile(self, backend="inductor") -> None:
         self.compiled_step = torch.compile(decoder_step, dynamic=True, backend=backend)
 
-    def fused_qkv(self, inner: nn.Module) -> list[FusedQKV | None]:
-        """Each layer's `FusedQKV` (None where its projections are not quantized alike), made again whenever a
+    def fused(self, inner: nn.Module) -> list[LayerFusions]:
+        """Each layer's fused projections (None where the parts are not quantized alike), made again whenever a
         layer's projections were replaced (e.g. by `bild.fit_kernels` after the first step)."""
-        projections = [(attn.q_proj, attn.k_proj, attn.v_proj) for attn in (layer.self_attn for layer in inner.layers)]
+        projections = [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                        layer.mlp.up_proj) for layer in inner.layers]  # fmt: skip
         if projections != self._made:  # modules compare by identity
-            self._qkv = [FusedQKV.of(*parts) for parts in projections]
+            # gate and up fused only for int8-dynamic parts, where each call also quantizes its input: the AVX2 step
+            # 6% cheaper; int4 and int8 would copy 105-209 MB for under 1% (docs/measured.md, "Fused q/k/v")
+            self._fused = [LayerFusions(Fused.of(*parts[:3]), Fused.of(*parts[3:]) if isinstance(parts[3], DynamicInt8Linear)
+                                        else None) for parts in projections]  # fmt: skip
             self._made = projections
-        return self._qkv
+        return self._fused
 
     def __call__(
         self, model: PreTrainedModel, input_ids: torch.Tensor, visible: torch.Tensor | None,
@@ -200,7 +204,7 @@ class LeanForward:
             hidden, keys, values = self.compiled_step(inner, input_ids, position_ids, visible.bool(), past, None)
             self.n_compiled_steps += 1
         else:
-            hidden, keys, values = decoder_step(inner, input_ids, position_ids, visible, past, self.fused_qkv(inner))
+            hidden, keys, values = decoder_step(inner, input_ids, position_ids, visible, past, self.fused(inner))
         for i in range(self.n_layers):
             store_past(cache, i, keys[i], values[i])
         if logits_to_keep:
@@ -211,32 +215,41 @@ class LeanForward:
         return logits
 
 
-class FusedQKV(NamedTuple):
-    """A layer's q, k and v projections as one quantized layer (`bild.drafters.concatenated`; for the int4 Qwen2.5
-    0.5B drafter 15 MB more, made on its first step in 0.4 s), for fewer rows than ``below_rows`` (where the parts
-    hand longer inputs to their dense weights), with each part's output features to split by."""
+class Fused(NamedTuple):
+    """Projections of one input as one quantized layer (`bild.drafters.concatenated`): a layer's q, k and v (for the
+    int4 Qwen2.5 0.5B drafter 15 MB more, made on its first step in 0.4 s), or its gate and up, for fewer rows than
+    ``below_rows`` (where the parts hand longer inputs to their dense weights), with each part's output features to
+    split by."""
 
     layer: nn.Module
     below_rows: float
-    features: tuple[int, int, int]  # q, k, v output features
+    features: tuple[int, ...]
 
     @classmethod
-    def of(cls, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> FusedQKV | None:
-        layer = concatenated([q_proj, k_proj, v_proj])
+    def of(cls, *parts: nn.Module) -> Fused | None:
+        layer = concatenated(list(parts))
         if layer is None:
             return None
-        below = min((part.dense_from_rows for part in (q_proj, k_proj, v_proj) if part.dense is not None),
-                    default=math.inf)  # fmt: skip
-        return cls(layer, below, (q_proj.out_features, k_proj.out_features, v_proj.out_features))
+        below = min((part.dense_from_rows for part in parts if part.dense is not None), default=math.inf)
+        return cls(layer, below, tuple(part.out_features for part in parts))
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` `(..., K)` is short enough for the fused layer."""
+        return x.numel() // x.shape[-1] < self.below_rows
+
+
+class LayerFusions(NamedTuple):
+    qkv: Fused | None
+    gate_up: Fused | None
 
 
 def decoder_step(
     inner: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor | None,
-    past: list[tuple[torch.Tensor, torch.Tensor] | None], qkv: list[FusedQKV | None] | None = None,
+    past: list[tuple[torch.Tensor, torch.Tensor] | None], fused: list[LayerFusions] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
     """The decoder ``inner`` (``model.model``) over a chunk: the final-normed hidden states `(batch_size, L, D)` and
-    every layer's keys and values, the cached ``past`` ones followed by the chunk's. ``qkv``: each layer's fused
-    projections (`LeanForward.fused_qkv`), used where given and the chunk is short enough."""
+    every layer's keys and values, the cached ``past`` ones followed by the chunk's. ``fused``: each layer's fused
+    projections (`LeanForward.fused`), used where given and the chunk is short enough."""
     hidden = inner.embed_tokens(input_ids)  # [B, L, D]
     cos, sin = inner.rotary_emb(hidden, position_ids)  # [B, L, head_dim]
     cos, sin = cos[:, None], sin[:, None]
@@ -248,10 +261,10 @@ def decoder_step(
         attn = layer.self_attn
         heads = (batch_size, length, -1, attn.head_dim)
         x = layer.input_layernorm(hidden)
-        fused = qkv[i] if qkv else None
-        if fused is not None and batch_size * length < fused.below_rows:
-            n_q, n_k, _ = (n // attn.head_dim for n in fused.features)
-            out = fused.layer(x).view(heads).transpose(1, 2)  # [B, Hq + Hk + Hv, L, head_dim]
+        qkv, gate_up = fused[i] if fused else (None, None)
+        if qkv is not None and qkv.takes(x):
+            n_q, n_k, _ = (n // attn.head_dim for n in qkv.features)
+            out = qkv.layer(x).view(heads).transpose(1, 2)  # [B, Hq + Hk + Hv, L, head_dim]
             value = out[:, n_q + n_k :]
             if hasattr(attn, "q_norm"):
                 query, key = attn.q_norm(out[:, :n_q]), attn.k_norm(out[:, n_q : n_q + n_k])
@@ -276,7 +289,11 @@ def decoder_step(
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
         mlp = layer.mlp
         x = layer.post_attention_layernorm(hidden)
-        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        if gate_up is not None and gate_up.takes(x):
+            gate, up = gate_up.layer(x).split(gate_up.features, dim=-1)
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
     return inner.norm(hidden), keys, values
 
 
