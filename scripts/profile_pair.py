@@ -28,7 +28,7 @@ from bild.bench.paths import resolve_model
 from bild.drafters import QUANTIZATIONS, compress_drafter
 from bild.kernels import PATHS, fit_kernels
 from bild.schedule import PROFILE_TOKENS, DraftCosts
-from bild.timing import forward_ms, machine_key
+from bild.timing import forwards_ms, machine_key
 
 DEFAULT_SMALL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_LARGE = "qwen2.5-coder-1.5b-instruct"
@@ -86,11 +86,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def time_models(models: dict, args: argparse.Namespace) -> list[dict]:
     with torch.no_grad():  # as generate() runs
-        return [
-            {"tokens fed": n, **{name: forward_ms(model, args.context, n, args.repeats, in_loop=not args.own_forward)
-                                 for name, model in models.items()}}  # fmt: skip
-            for n in PROFILE_TOKENS
-        ]
+        ms = {name: forwards_ms(model, args.context, PROFILE_TOKENS, args.repeats, in_loop=not args.own_forward)
+              for name, model in models.items()}  # fmt: skip
+    return [{"tokens fed": n, **{name: ms[name][n] for name in models}} for n in PROFILE_TOKENS]
 
 
 def print_table(rows: list[dict], names: list[str], title: str) -> None:

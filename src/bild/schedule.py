@@ -37,7 +37,7 @@ from transformers import PreTrainedModel
 from .home import fit_file, write_json
 from .kernels import PackedLinear, model_fingerprint
 from .lean import loop_forward
-from .timing import forward_ms, machine_key
+from .timing import forwards_ms, machine_key
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ class DraftCosts:
         """Time one forward of each model by tokens fed, after ``context`` cached tokens (median of ``repeats``), each
         as bild's loop runs it (by its lean forward where that applies)."""
         with torch.no_grad():  # as generate() runs (inference mode would make a compiled drafter compile again)
-            large_ms = {n: forward_ms(large, context, n, repeats, in_loop=True) for n in tokens}
-            small_ms = {n: forward_ms(small, context, n, repeats, in_loop=True) for n in tokens}
+            large_ms = forwards_ms(large, context, tokens, repeats, in_loop=True)
+            small_ms = forwards_ms(small, context, tokens, repeats, in_loop=True)
         return cls.from_ms(small_ms, large_ms)
 
     @classmethod

@@ -1,5 +1,5 @@
 """Measuring a model on this machine: what its forward's cost depends on (`machine_key`), and how long one
-forward takes (`forward_ms`). Below both users of such measurements: the kernel fit (kernels.py) and the
+forward takes by tokens fed (`forwards_ms`). Below both users of such measurements: the kernel fit (kernels.py) and the
 draft costs (schedule.py)."""
 
 from __future__ import annotations
@@ -38,13 +38,20 @@ def machine_key(model: nn.Module) -> dict:
 
 
 def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int, in_loop: bool = False) -> float:
-    """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens.
+    """Median wall time (ms) of one forward over ``n_new`` tokens after ``context`` cached tokens (`forwards_ms`)."""
+    return forwards_ms(model, context, (n_new,), repeats, in_loop)[n_new]
+
+
+def forwards_ms(
+    model: PreTrainedModel, context: int, tokens: tuple[int, ...], repeats: int, in_loop: bool = False
+) -> dict[int, float]:
+    """``{n: median wall time (ms) of one forward over n tokens after context cached tokens}`` for each n of ``tokens``.
 
     The context is fed once; after each timed forward the cache is cropped back to it. ``in_loop``: run it as
     bild's loop runs it, by its lean forward (compiled one-token step included) where that applies.
     """
     vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, context + n_new), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (1, context + max(tokens)), generator=torch.Generator().manual_seed(0))
     ids = ids.to(model.device)
     extra = {}
     if model.config.is_encoder_decoder:  # the encoder runs once per generate(): not part of a step
@@ -52,14 +59,17 @@ def forward_ms(model: PreTrainedModel, context: int, n_new: int, repeats: int, i
     cache = new_cache(model)
     lean = lean_forward(model) if in_loop else None
     _feed(model, ids[:, :context], cache, extra, lean)
-    keep_recurrent_states(cache, n_new + 1)  # recurrent layers can go back before the timed tokens
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        start = _clock(model.device)
-        _feed(model, ids[:, context:], cache, extra, lean, first=context)
-        times.append(1000 * (_clock(model.device) - start))
-        crop_cache(cache, n_new)
-    return statistics.median(times[1:])
+    keep_recurrent_states(cache, max(tokens) + 1)  # recurrent layers can go back before the timed tokens
+    medians = {}
+    for n_new in tokens:
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            start = _clock(model.device)
+            _feed(model, ids[:, context : context + n_new], cache, extra, lean, first=context)
+            times.append(1000 * (_clock(model.device) - start))
+            crop_cache(cache, n_new)
+        medians[n_new] = statistics.median(times[1:])
+    return medians
 
 
 def _feed(model: PreTrainedModel, ids: torch.Tensor, cache, extra: dict, lean=None, first: int = 0) -> None:
