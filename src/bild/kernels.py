@@ -37,7 +37,7 @@ from torch import nn
 
 from .drafters import replace_module
 from .home import fit_file, write_json
-from .timing import forward_ms, machine_key, model_device
+from .timing import forwards_ms, machine_key, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def fit_kernels(model: nn.Module, paths: tuple[str, ...] = PATHS, use_stored: bo
         return _apply(model, KernelFit(stored["path"], {}, f"stored in {fit_file}"))
     ms = {}
     for path in paths:
-        originals = _pack_linears(model, path)
+        originals = _pack_linears(model, path, keep=True)
         ms[path] = _time_model(model)
         _restore(model, originals)
     best = min(paths, key=lambda p: sum(ms[p].values()))
@@ -269,18 +269,17 @@ _PACKED = {"onednn": OneDNNLinear, HALF: HalfLinear}
 
 
 @torch.no_grad()
-def _pack_linears(model: nn.Module, path: str) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` on ``path``'s layer (none for "stock"). On the fp16 path a layer with a weight beyond
-    float16's range stays as it is, and the replaced layers are returned by name (float16 cannot give them back)."""
-    if path not in _PACKED:
-        return {}
+def _pack_linears(model: nn.Module, path: str, keep: bool = False) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` on ``path``'s layer (none for "stock"); on the fp16 path a layer with a weight beyond
+    float16's range stays as it is. ``keep``: return the fp16 path's replaced layers by name, to put back (float16
+    cannot give them back; oneDNN's packing can)."""
     originals = {}
-    for name, linear in _linears(model):
-        if path == HALF:
-            if linear.weight.abs().max() > FP16_MAX:
-                continue
-            originals[name] = linear
+    for name, linear in _linears(model) if path in _PACKED else []:
+        if path == HALF and linear.weight.abs().max() > FP16_MAX:
+            continue
         replace_module(model, name, _PACKED[path].from_linear(linear))
+        if keep and path == HALF:
+            originals[name] = linear
     return originals
 
 
@@ -294,7 +293,7 @@ def _restore(model: nn.Module, originals: dict[str, nn.Linear]) -> None:
 
 def _time_model(model: nn.Module) -> dict[int, float]:
     with torch.inference_mode():
-        return {n: forward_ms(model, FIT_CONTEXT, n, FIT_REPEATS) for n in (1, CHUNK_ROWS)}
+        return forwards_ms(model, FIT_CONTEXT, (1, CHUNK_ROWS), FIT_REPEATS)
 
 
 def _fit_file(model: nn.Module) -> Path:
