@@ -164,13 +164,6 @@ def test_obstacles():
         bild.compile_drafter(gpt2)
 
 
-def test_int8_dynamic_drafters_are_not_compiled():
-    drafter = bild.compress_drafter(family("qwen2"), "int8-dynamic", vocab_size=None)
-    with pytest.raises(ValueError, match="int8-dynamic layers run slower compiled; compress it with quantization="):
-        bild.compile_drafter(drafter)
-    assert loop_forward(drafter) == "lean"
-
-
 def test_compiling_without_a_compiler_says_what_to_install(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(ValueError, match="install g\\+\\+"):
@@ -205,6 +198,34 @@ def test_the_loop_with_and_without_the_lean_forward(causal_pair, batch):
     torch.testing.assert_close(lean_sequences, sequences)
     assert lean_stats == stats
     assert sum(stats.small_forwards) > 10 and sum(stats.rollbacks) > 0  # the drafter really drafted, and erred
+
+
+@pytest.mark.parametrize("quantization", [None, "int8-dynamic"])
+def test_compiled_step_compiles_once_per_batch_shape(causal_pair, quantization):
+    """With a counting backend: one graph for batches of one through a whole run (cache growing, cropped after each
+    rollback, several calls), one more for a batch of three (a graph break would make more); outputs equal the
+    uncompiled drafter's (lossless: the large model's own). An int8-dynamic drafter's fbgemm calls are opaque
+    operators inside the one graph."""
+    large, small = causal_pair
+    drafter = copy.deepcopy(small)
+    if quantization:
+        drafter = bild.compress_drafter(drafter, quantization, vocab_size=None)
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    bild.compile_drafter(drafter, backend=counting)
+    for batch in (1, 1, 3, 3):
+        compiled, compiled_stats = run_bild((large, drafter), batch, rollback_threshold=0.0)
+        plain, _ = run_bild((large, small), batch, rollback_threshold=0.0)
+        torch.testing.assert_close(compiled, plain)
+        assert sum(compiled_stats.rollbacks) > 0
+        assert len(graphs) == (1 if batch == 1 else 2)
+    assert lean_forward(drafter).n_compiled_steps > 20
+    with pytest.raises(ValueError, match="needs the lean forward"):
+        keep_own_forward(drafter)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -128,10 +128,6 @@ def compile_drafter(model: PreTrainedModel, backend="inductor") -> PreTrainedMod
     recompile limit (8 graphs: four drafters, each at one and at several rows). Returns ``model``.
     """
     reason = "bild.lean.keep_own_forward was called on it" if model in _OWN_FORWARD else lean_obstacle(model)
-    if reason is None and any(isinstance(m, DynamicInt8Linear) for m in model.modules()):
-        # fbgemm's packed weights are opaque to inductor: the compiled step cost 66 ms against 45 eager (AVX2 float32,
-        # the main job: docs/measured.md, "A real AVX2 machine")
-        reason = "its int8-dynamic layers run slower compiled; compress it with quantization='int4' to compile it"
     if reason is not None:
         raise ValueError(f"bild.compile_drafter cannot compile this drafter's step ({reason}); use it uncompiled.")
     if backend == "inductor" and model.device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
