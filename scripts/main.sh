@@ -4,9 +4,9 @@
 # (configs/qwen-coder-main.yaml; bfloat16 where the CPU computes in it, else float32; every model on the
 # linear kernels timed fastest here): the large model alone, stock assisted generation given the drafter
 # `bild.compress_drafter` makes by default (int4 in bfloat16, int8-dynamic in float32 on x86), lossless BiLD with
-# the same drafter at its defaults (context drafts included), and with the int4 drafter's step compiled, one line
-# per call as it goes, ending with the results table (about 7 minutes on 2 AVX2 cores).
-# Extra arguments go to `bild bench` (e.g. --limit 20, --kernels stock, --out DIR).
+# the same drafter at its defaults (context drafts included), and with that drafter's step compiled, one line per
+# call as it goes, ending with the results table (about 7 minutes on 2 AVX2 cores).
+# Extra arguments go to `bild bench` (e.g. --limit 20, --kernels stock, --kernels fp16, --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
