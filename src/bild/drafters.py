@@ -252,8 +252,8 @@ _DYNAMIC_KEYS = itertools.count()
 
 
 def _int8_dynamic_linear(scaled: torch.Tensor, layer: int) -> torch.Tensor:
-    """fbgemm's dynamic linear of the `DynamicInt8Linear` numbered ``layer``: the operator ``bild::int8_dynamic_linear``,
-    which torch.compile keeps whole (dynamo cannot trace the packed weights, a C++ object, and would break the graph
+    """fbgemm's dynamic linear of the `DynamicInt8Linear` numbered ``layer``: the operator
+    ``bild::int8_dynamic_linear``, which torch.compile keeps whole (dynamo cannot trace the packed weights, a C++ object, and would break the graph
     at each layer). Defined on the low-level `torch.library.Library`: 7 us a call against 29 for `custom_op`."""
     return torch.ops.quantized.linear_dynamic(scaled, _DYNAMIC_LAYERS[layer]._packed, True)
 
@@ -362,9 +362,9 @@ def concatenated(layers: list[nn.Module]) -> DensePrefill | None:
     token), with the same numbers bit for bit: each output row keeps its own quantized values, scale and zero, and
     the kernel sums each row's products in the same order whatever the rows beside it. None unless every layer is
     an `Int4Linear` (one group size), every one an `Int8Linear` or every one a `DynamicInt8Linear`, all with one
-    kernel dtype and input size, and all with a bias or none. The result copies the parts' weights (an int8-dynamic one
-    keeps only fbgemm's packed copy: it cannot be copied or saved) and has no dense ones: feed it fewer rows than the
-    parts' `dense_from_rows`."""
+    kernel dtype and input size, and all with a bias or none. The result copies the parts' weights (an int8-dynamic
+    one keeps only fbgemm's packed copy: it cannot be copied or saved) and has no dense ones: feed it fewer rows than
+    the parts' `dense_from_rows`."""
     kinds = {(type(layer), getattr(layer, "group_size", None), getattr(layer, "kernel_dtype", None), layer.in_features,
               layer.bias is None) for layer in layers}  # fmt: skip
     if len(kinds) != 1 or next(iter(kinds))[0] not in (Int4Linear, Int8Linear, DynamicInt8Linear):

@@ -147,7 +147,7 @@ class OneDNNLinear(PackedLinear):
 class HalfLinear(PackedLinear):
     """The ``"fp16"`` path: float16 weights multiplied in float32 by fbgemm's fp16 GEMM (each weight read as two
     bytes and widened in registers), for float32 inputs. On 2 AVX2-only cores the Qwen2.5-Coder-1.5B steps in
-    130 ms against 264 float32 (docs/measured.md, "The large model in float16 weights")."""
+    123 ms against 233 on oneDNN float32 (docs/measured.md, "The large model in float16 weights")."""
 
     bytes_per_weight = 2
 
@@ -247,12 +247,12 @@ def fit_kernels(model: nn.Module, paths: tuple[str, ...] = PATHS, use_stored: bo
 def _check_half(model: nn.Module) -> None:
     """A clear error where the fp16 path cannot run: not a float32 model, or no fbgemm."""
     if not fp16_available() or torch.backends.quantized.engine not in ("x86", "fbgemm"):
-        raise ValueError(f"The 'fp16' kernel path needs fbgemm (x86 CPUs); this torch ({torch.__version__}, "
-                         f"quantized engine {torch.backends.quantized.engine!r}) lacks it: choose among {PATHS}.")  # fmt: skip
+        raise ValueError(f"The 'fp16' kernel path needs fbgemm (x86 CPUs); this torch ({torch.__version__}, quantized "
+                         f"engine {torch.backends.quantized.engine!r}) lacks it: choose among {PATHS}.")  # fmt: skip
     dtypes = {linear.weight.dtype for _, linear in _linears(model)}
     if dtypes - {torch.float32}:
         raise ValueError(f"The 'fp16' kernel path multiplies in float32 and this model's linear layers are "
-                         f"{sorted(map(str, dtypes))}: load it with dtype=torch.float32, or keep to {PATHS}.")  # fmt: skip
+                         f"{sorted(map(str, dtypes))}: load it with dtype=torch.float32, or keep to {PATHS}.")
 
 
 def _apply(model: nn.Module, fit: KernelFit) -> nn.Module:

@@ -7,11 +7,12 @@ Llama family (Llama, Qwen2, Qwen3, Mistral without a sliding window) `LeanForwar
 (embedding, RMSNorm, rotary attention over the KV cache, SwiGLU), calling the model's own modules (quantized or
 kernel-fitted linear layers, norms, the rotary embedding, the pruned output layer) and its own `DynamicCache`, so
 its logits are the model's (tests/test_lean.py), at about 37 ms per step. A quantized drafter's q, k and v
-projections run as one packed matmul there, and an int8-dynamic drafter's gate and up projections too (`Fused`, the
-same numbers bit for bit; the compiled step below keeps them apart: compiled, they step faster so). `compile_drafter` further compiles the one-token step with
-`torch.compile` (dynamic shapes: one graph for a batch of one, one for larger batches, whatever the cache length),
-at about 27 ms: its first step costs a compile, about 55 s on 2 cores, and about 20 s in a later process, which
-finds the compiled kernels in torch's on-disk cache (docs/measured.md, "The drafter's step").
+projections run as one packed matmul there, and an int8-dynamic drafter's gate and up projections too (`Fused`,
+the same numbers bit for bit; the compiled step below keeps them apart: compiled, they step faster so).
+`compile_drafter` further compiles the one-token step with `torch.compile` (dynamic shapes: one graph for a batch
+of one, one for larger batches, whatever the cache length), at about 27 ms: its first step costs a compile, about
+55 s on 2 cores, and about 20 s in a later process, which finds the compiled kernels in torch's on-disk cache
+(docs/measured.md, "The drafter's step"; an int8-dynamic drafter: "The drafter's step on AVX2").
 
 The large model's forward costs its weights' bytes more than overhead, but transformers' forward over a chunk of
 drafts (its mask, its attention path) costs more than the written-out one: 6-7% for 8-20 tokens of the 1.5B model,
@@ -123,9 +124,10 @@ def compile_drafter(model: PreTrainedModel, backend="inductor") -> PreTrainedMod
     For a Llama-family drafter (see `lean_obstacle`), typically after `bild.compress_drafter`. The first step
     compiles (about 55 s for the int4 Qwen2.5-Coder-0.5B on 2 CPU cores, about 20 s in a later process, from
     torch's compile cache); each later step skips most of the eager forward's overhead (there 43 ms by the model's
-    forward, 37 ms lean, 27 ms compiled; the int8-dynamic one on 2 AVX2 cores 37.6 ms lean, 30.1 compiled). The model's own forward (its generate(), stock assisted generation) is
-    not changed. Every compiled drafter's graphs share one function's compile cache, which torch caps at its
-    recompile limit (8 graphs: four drafters, each at one and at several rows). Returns ``model``.
+    forward, 37 ms lean, 27 ms compiled; the int8-dynamic one on 2 AVX2 cores 37.6 ms lean, 30.1 compiled). The
+    model's own forward (its generate(), stock assisted generation) is not changed. Every compiled drafter's graphs
+    share one function's compile cache, which torch caps at its recompile limit (8 graphs: four drafters, each at
+    one and at several rows). Returns ``model``.
     """
     reason = "bild.lean.keep_own_forward was called on it" if model in _OWN_FORWARD else lean_obstacle(model)
     if reason is not None:
@@ -166,8 +168,10 @@ class LeanForward:
         if projections != self._made:  # modules compare by identity
             # gate and up fused only for int8-dynamic parts, where each call also quantizes its input: the AVX2 step
             # 6% cheaper; int4 and int8 would copy 105-209 MB for under 1% (docs/measured.md, "Fused q/k/v")
-            self._fused = [LayerFusions(Fused.of(*parts[:3]), Fused.of(*parts[3:]) if isinstance(parts[3], DynamicInt8Linear)
-                                        else None) for parts in projections]  # fmt: skip
+            self._fused = [
+                LayerFusions(Fused.of(q, k, v), Fused.of(gate, up) if isinstance(gate, DynamicInt8Linear) else None)
+                for q, k, v, gate, up in projections
+            ]
             self._made = projections
         return self._fused
 

@@ -1,6 +1,6 @@
 """Measuring a model on this machine: what its forward's cost depends on (`machine_key`), and how long one
-forward takes by tokens fed (`forwards_ms`). Below both users of such measurements: the kernel fit (kernels.py) and the
-draft costs (schedule.py)."""
+forward takes by tokens fed (`forwards_ms`). Below both users of such measurements: the kernel fit (kernels.py)
+and the draft costs (schedule.py)."""
 
 from __future__ import annotations
 
