@@ -17,6 +17,7 @@ from bild.bench.methods import measure_costs_first
 from bild.bench.metrics import prefix_agreement
 from bild.bench.plot import pareto_front
 from bild.bench.report import json_safe
+from bild.kernels import fp16_available
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pair import build_tiny_seq2seq_pair, synthetic_pairs  # noqa: E402
@@ -130,6 +131,16 @@ def test_stock_kernels_leave_the_models_as_loaded(tiny_pair, data_file, tmp_path
     results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
     assert results["environment"]["kernels"] == {"large": "stock", "small": "stock"}
     assert results["config"]["kernels"] == "stock"
+
+
+@pytest.mark.skipif(not fp16_available(), reason="this torch has no fbgemm fp16 GEMM (x86 CPUs only)")
+def test_fp16_kernels_are_recorded_and_a_bfloat16_run_says_what_to_change(tiny_pair, data_file, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_pair, data_file, kernels="fp16", methods=["large", "bild"], limit=1)
+    assert cli.main(["bench", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert results["environment"]["kernels"] == {"large": "fp16", "small": "fp16"}
+    assert cli.main(["bench", "--config", str(config), "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 2
+    assert "load it with dtype=torch.float32" in capsys.readouterr().err
 
 
 def test_stop_strings_end_every_method(tiny_pair, data_file, tmp_path):
