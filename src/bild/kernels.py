@@ -14,8 +14,9 @@ A third changes them, so it runs only where a user names it (`HALF`):
 
 - ``"fp16"``: a float32 model's weights stored in float16 and multiplied in float32 by fbgemm's fp16 GEMM
   (``quantized.linear_dynamic_fp16``; x86 CPUs): half the bytes a step reads, as OpenVINO keeps a model's
-  weights by default. Each weight rounds to float16 (a bf16 checkpoint's weights mostly exactly), and a row's
-  output depends, at float32 rounding, on how many rows share its call, as in bf16.
+  weights by default. Each weight rounds to float16 (a bf16 checkpoint's weight exactly where its magnitude lies
+  in [6.1e-5, 65504]), and a row's output depends, at float32 rounding, on how many rows share its call, as in
+  bf16.
 
 `fit_kernels` times the model's own forward over 1 token and over `CHUNK_ROWS` tokens after a short
 context on each path and keeps the path with the smaller sum (the decoding step and the verification
