@@ -246,6 +246,11 @@ class Int4Linear(DensePrefill):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def fbgemm_available(*ops: str) -> bool:
+    """Whether torch's quantized engine is fbgemm's (x86 CPUs) and has the ``torch.ops.quantized`` operators ``ops``."""
+    return torch.backends.quantized.engine in ("x86", "fbgemm") and all(hasattr(torch.ops.quantized, op) for op in ops)
+
+
 # every DynamicInt8Linear by a number, so that a compiled step can name one to the operator below
 _DYNAMIC_LAYERS: weakref.WeakValueDictionary[int, DynamicInt8Linear] = weakref.WeakValueDictionary()
 _DYNAMIC_KEYS = itertools.count()
@@ -253,8 +258,9 @@ _DYNAMIC_KEYS = itertools.count()
 
 def _int8_dynamic_linear(scaled: torch.Tensor, layer: int) -> torch.Tensor:
     """fbgemm's dynamic linear of the `DynamicInt8Linear` numbered ``layer``: the operator
-    ``bild::int8_dynamic_linear``, which torch.compile keeps whole (dynamo cannot trace the packed weights, a C++ object, and would break the graph
-    at each layer). Defined on the low-level `torch.library.Library`: 7 us a call against 29 for `custom_op`."""
+    ``bild::int8_dynamic_linear``, which torch.compile keeps whole (dynamo cannot trace the packed weights, a C++
+    object, and would break the graph at each layer). Defined on the low-level `torch.library.Library`: 7 us a call
+    against 29 for `custom_op`."""
     return torch.ops.quantized.linear_dynamic(scaled, _DYNAMIC_LAYERS[layer]._packed, True)
 
 
@@ -303,8 +309,7 @@ class DynamicInt8Linear(DensePrefill):
     @staticmethod
     def available() -> bool:
         """Whether this torch runs fbgemm's dynamic linear (x86 CPUs)."""
-        return torch.backends.quantized.engine in ("x86", "fbgemm") and all(
-            hasattr(torch.ops.quantized, op) for op in ("linear_prepack", "linear_dynamic"))  # fmt: skip
+        return fbgemm_available("linear_prepack", "linear_dynamic")
 
     def _pack(self):
         """fbgemm's packed weights: ours, then two zero columns for the appended inputs +1 and -1."""

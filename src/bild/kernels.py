@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .drafters import replace_module
+from .drafters import fbgemm_available, replace_module
 from .home import fit_file, write_json
 from .timing import forwards_ms, machine_key, model_device
 
@@ -66,8 +66,7 @@ def onednn_available() -> bool:
 
 def fp16_available() -> bool:
     """Whether this torch has fbgemm's fp16 GEMM (x86 CPUs)."""
-    return all(hasattr(torch.ops.quantized, op) for op in ("linear_prepack_fp16", "linear_dynamic_fp16",
-                                                          "linear_unpack_fp16"))  # fmt: skip
+    return fbgemm_available("linear_prepack_fp16", "linear_dynamic_fp16", "linear_unpack_fp16")
 
 
 class PackedLinear(nn.Module):
@@ -247,7 +246,7 @@ def fit_kernels(model: nn.Module, paths: tuple[str, ...] = PATHS, use_stored: bo
 
 def _check_half(model: nn.Module) -> None:
     """A clear error where the fp16 path cannot run: not a float32 model, or no fbgemm."""
-    if not fp16_available() or torch.backends.quantized.engine not in ("x86", "fbgemm"):
+    if not fp16_available():
         raise ValueError(f"The 'fp16' kernel path needs fbgemm (x86 CPUs); this torch ({torch.__version__}, quantized "
                          f"engine {torch.backends.quantized.engine!r}) lacks it: choose among {PATHS}.")  # fmt: skip
     dtypes = {linear.weight.dtype for _, linear in _linears(model)}
